@@ -12,6 +12,8 @@
 * the loop: the whole tokenized dataset lives on the device; each update draws its rows from a
   per-epoch permutation inside a jitted ``lax.scan``, the held-out split is evaluated after every chunk,
   and :meth:`experiments.context.RunContext.loop` logs, checkpoints and resumes;
+* devices: with a mesh (``ctx.mesh``) the parameters and AdamW moments are fully sharded over it
+  (``parallel.shard_models``), the data sit on every device and each update's rows are split;
 * the Hugging Face export the RL stage reads: config.json + safetensors + tokenizer files.
 """
 
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from constrained_rl import parallel
 from constrained_rl.config import ConfigError, require
 from constrained_rl.data import synthetic_safety
 from constrained_rl.models import hf_checkpoint, llama
@@ -323,17 +326,18 @@ def make_evaluate(loss_fn: LossFn) -> Callable[[PyTree, Arrays, jax.Array], dict
 
 
 def make_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               batch_size: int, steps_per_chunk: int) -> Callable:
+               batch_size: int, steps_per_chunk: int, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """Jitted ``chunk(state, train, eval_batches, eval_mask) -> (state, metrics)``.
 
     ``steps_per_chunk`` updates in ``lax.scan`` (per-step metrics), then the held-out metrics
     (``eval/<name>``) of the new parameters. The data are arguments, not constants baked into the program.
+    With ``mesh`` each update's rows are split over its batch axis (``parallel.constrain_rows``).
     """
     evaluate = make_evaluate(loss_fn)
 
     def update(train: Arrays, state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         rows = epoch_batch_rows(state.key, state.step, num_rows(train), batch_size)
-        batch = take_rows(train, rows)
+        batch = parallel.constrain_rows(take_rows(train, rows), mesh)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, batch, jnp.ones(batch_size, jnp.float32))
         updates, optimizer_state = optimizer.update(grads, state.optimizer_state, state.params)
@@ -365,11 +369,15 @@ def fit(ctx: Any, stage: str, loss_fn: LossFn, params: PyTree, train: Arrays, he
     schedule = make_schedule(num_rows(train), hyper, training)
     lr_schedule = learning_rate_schedule(hyper.learning_rate, schedule.total_steps, training.warmup_ratio)
     optimizer = make_optimizer(hyper, training, schedule.total_steps)
-    chunk = make_chunk(loss_fn, optimizer, lr_schedule, hyper.batch_size, schedule.steps_per_chunk)
-    device_train = jax.device_put(train)
-    batches, mask = jax.device_put(eval_batches(held_out, training.eval_batch_size))
+    mesh = getattr(ctx, "mesh", None)
+    chunk = make_chunk(loss_fn, optimizer, lr_schedule, hyper.batch_size, schedule.steps_per_chunk, mesh)
     evaluate = jax.jit(make_evaluate(loss_fn))
-    params = jax.device_put(params)
+    held_out_batches = eval_batches(held_out, training.eval_batch_size)
+    if mesh is None:
+        device_train, (batches, mask), params = jax.device_put((train, held_out_batches, params))
+    else:  # the model fully sharded over the mesh (parallel.model_rules), the data on every device
+        device_train, (batches, mask) = parallel.replicate((train, held_out_batches), mesh)
+        params = parallel.shard_models(params, mesh)
 
     def init_state() -> TrainState:
         return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
@@ -377,7 +385,7 @@ def fit(ctx: Any, stage: str, loss_fn: LossFn, params: PyTree, train: Arrays, he
     initial_eval = _host(evaluate(params, batches, mask))
     state = ctx.loop(stage, init_state, lambda s: chunk(s, device_train, batches, mask), schedule.num_chunks,
                      steps_per_chunk=schedule.steps_per_chunk, checkpoint_every=training.checkpoint_every,
-                     progress_keys=progress_keys)
+                     progress_keys=progress_keys, placement=parallel.shard_models)
     return FitResult(state, initial_eval, _host(evaluate(state.params, batches, mask)), schedule)
 
 

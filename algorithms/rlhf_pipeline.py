@@ -18,6 +18,13 @@ Stages (each resumable: a finished stage is restored from its checkpoint and ski
    (``constrained_rl.llm_evaluation``), with the exact scorers on the synthetic task and the learned
    reward / cost models elsewhere; ``results.csv``, ``results.md`` (mean +- std over seeds) and plots.
 
+With devices (``--num-devices N``, ``--distributed``: ``ctx.mesh``) every stage lays its models out fully
+sharded over them (``parallel.model_rules``: the runner's ``"data"`` axis plays the fsdp role): SFT and
+the score models through ``llm_common.fit``, the RL stages through :func:`place_setup` (reference, reward
+and cost models) and the stage's state (actor, critics and their AdamW moments, each seed's split like
+one model's, the seed axis whole); each step's prompts are split over the same devices. See
+docs/parallelism.md for the layout and the memory of six 7B models.
+
 ``scorer = "ground_truth"`` trains the RL stage against the synthetic task's exact reward and cost (the
 critics then start from the SFT backbone with a fresh head); ``"learned"`` uses the trained score models
 and starts the critics from them, as Safe-RLHF does.
@@ -35,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from algorithms import llm_common, repo, rlhf_ppo, safe_rlhf, score_models, sft
-from constrained_rl import llm_evaluation
+from constrained_rl import llm_evaluation, parallel
 from constrained_rl.config import ConfigError, require
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import hf_checkpoint, score
@@ -251,6 +258,29 @@ def build_setup(config: Config, directories: dict[str, str], data: dict[str, Pat
         ptx=ptx)
 
 
+def place_setup(setup: Setup, mesh: jax.sharding.Mesh) -> Setup:
+    """``setup`` laid out on ``mesh``: every model fully sharded (``parallel.shard_models``: the reference,
+    reward and cost models, the actor and critics' initial parameters), prompts, PTX data and the exact
+    scorers' tables on every device. A model that several fields share (the SFT model is both the initial
+    actor and the reference; learned score models start the critics) is placed once and stays shared."""
+    placed: dict[int, Any] = {}
+
+    def place(tree: Any, models: bool = True) -> Any:
+        if id(tree) not in placed:
+            placed[id(tree)] = parallel.shard_models(tree, mesh) if models else parallel.replicate(tree, mesh)
+        return placed[id(tree)]
+
+    return setup._replace(
+        frozen=rlhf_ppo.FrozenParams(*(place(params) for params in setup.frozen)),
+        actor_params=place(setup.actor_params),
+        reward_critic_params=place(setup.reward_critic_params),
+        cost_critic_params=place(setup.cost_critic_params),
+        prompts=place(setup.prompts, models=False),
+        eval_prompts=place(setup.eval_prompts, models=False),
+        eval_scorer_params=tuple(place(params) for params in setup.eval_scorer_params),
+        ptx=place(setup.ptx, models=False))
+
+
 def _check_prompt_pool(config: Config, setup: Setup) -> None:
     available = setup.prompts.tokens.shape[0]
     if config.prompts_per_step > available:
@@ -269,22 +299,37 @@ def seed_keys(config: Config, method: str) -> jax.Array:
 
 
 def train_method(method: str, config: Config, setup: Setup, ctx: Any) -> rlhf_ppo.TrainState:
-    """Stage ``method``: ``num_steps`` RL steps for every seed at once; returns the seed-batched state."""
+    """Stage ``method``: ``num_steps`` RL steps for every seed at once; returns the seed-batched state.
+
+    With ``ctx.mesh`` (``setup`` placed by :func:`place_setup`) the state is created directly in its
+    layout: actor, critics and their AdamW moments fully sharded over the mesh, each seed's like one
+    model's, the seed axis, multiplier, cost window and keys replicated (``parallel.model_rules``).
+    """
     signal = cost_signal(method, config)
     spec = rlhf_ppo.StepSpec(config.prompts_per_step, config.responses_per_prompt, config.cost_limit)
-    step = rlhf_ppo.make_rl_step(setup.models, config.ppo, signal, spec, config.num_steps)
+    step = rlhf_ppo.make_rl_step(setup.models, config.ppo, signal, spec, config.num_steps, ctx.mesh)
     chunk = rlhf_ppo.make_chunk(step, config.steps_per_chunk, num_seeds=config.num_seeds)
     window = config.safe_rlhf.cost_window
 
+    def init_seeds(actor: Any, reward_critic: Any, cost_critic: Any, keys: jax.Array) -> rlhf_ppo.TrainState:
+        return jax.vmap(lambda key: rlhf_ppo.init_state(config.ppo, signal, actor, reward_critic, cost_critic, key,
+                                                        config.num_steps, window))(keys)
+
+    arguments = (setup.actor_params, setup.reward_critic_params, setup.cost_critic_params,
+                 seed_keys(config, method))
+
     def init_state() -> rlhf_ppo.TrainState:
-        return jax.vmap(lambda key: rlhf_ppo.init_state(
-            config.ppo, signal, setup.actor_params, setup.reward_critic_params, setup.cost_critic_params, key,
-            config.num_steps, window))(seed_keys(config, method))
+        if ctx.mesh is None:
+            return init_seeds(*arguments)
+        # Never whole on one device: S copies of the actor and critics with two moments each.
+        layout = parallel.model_shardings(jax.eval_shape(init_seeds, *arguments), ctx.mesh, leading_dims=1)
+        return jax.jit(init_seeds, out_shardings=layout)(*arguments)
 
     return ctx.loop(method, init_state, lambda s: chunk(s, setup.frozen, setup.prompts, setup.ptx),
                     config.num_steps // config.steps_per_chunk, steps_per_chunk=config.steps_per_chunk,
                     checkpoint_every=config.checkpoint_every,
-                    progress_keys=("reward", "cost", "violating_prompts", "multiplier"))
+                    progress_keys=("reward", "cost", "violating_prompts", "multiplier"),
+                    placement=lambda state, mesh: parallel.shard_models(state, mesh, leading_dims=1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,10 +435,10 @@ def evaluate_all(config: Config, setup: Setup, states: dict[str, rlhf_ppo.TrainS
     evaluate = make_evaluator(config, setup)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000)
     seed_eval_keys = jax.random.split(eval_key, config.num_seeds)
-    base = jax.device_get(evaluate(setup.actor_params, eval_key))
+    base = parallel.to_host(evaluate(setup.actor_params, eval_key))
     rows = {"sft": [report_row(config, setup, base, base)]}
     for method, state in states.items():
-        scores = jax.device_get(jax.vmap(evaluate)(state.actor, seed_eval_keys))
+        scores = parallel.to_host(jax.vmap(evaluate)(state.actor, seed_eval_keys))
         rows[method] = [report_row(config, setup, jax.tree_util.tree_map(lambda x: x[i], scores), base)
                         for i in range(config.num_seeds)]
     return rows
@@ -406,6 +451,8 @@ def run(config: Config, ctx: Any) -> dict[str, float]:
         raise ConfigError("eval_prompts: is required when prompts are not the synthetic task's")
     directories = train_models(config, ctx, data)
     setup = build_setup(config, directories, data)
+    if ctx.mesh is not None:
+        setup = place_setup(setup, ctx.mesh)
     _check_prompt_pool(config, setup)
     states = {method: train_method(method, config, setup, ctx) for method in config.methods}
     rows = evaluate_all(config, setup, states)

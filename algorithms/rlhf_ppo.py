@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from constrained_rl import lagrangian, objectives, penalties, preference_losses, returns
+from constrained_rl import lagrangian, objectives, parallel, penalties, preference_losses, returns
 from constrained_rl.config import require
 from constrained_rl.models.llama import LlamaForCausalLM
 from constrained_rl.models.score import LlamaForScore, last_token_index
@@ -579,10 +579,15 @@ def make_update(models: RLHFModels, config: PPOConfig, signal: CostSignal, spec:
     return update
 
 
-def make_rl_step(models: RLHFModels, config: PPOConfig, signal: CostSignal, spec: StepSpec, num_steps: int
+def make_rl_step(models: RLHFModels, config: PPOConfig, signal: CostSignal, spec: StepSpec, num_steps: int,
+                 mesh: jax.sharding.Mesh | None = None
                  ) -> Callable[[TrainState, FrozenParams, PromptPool, PTXData | None],
                                tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure RL step ``(state, frozen, prompts, ptx) -> (state, metrics)``; jit, scan and vmap it."""
+    """The pure RL step ``(state, frozen, prompts, ptx) -> (state, metrics)``; jit, scan and vmap it.
+
+    With ``mesh`` (the models fully sharded on it, ``parallel.shard_models``) the step's prompts are split
+    over the mesh's batch axis, so each device generates and scores its share of the ``B K`` responses.
+    """
     sampling = sampling_config(models, config)
     update = make_update(models, config, signal, spec, num_steps)
 
@@ -591,6 +596,7 @@ def make_rl_step(models: RLHFModels, config: PPOConfig, signal: CostSignal, spec
         key, prompt_key, generate_key = jax.random.split(state.key, 3)
         prompt_tokens, prompt_mask, group_ids = sample_prompts(prompt_key, prompts, spec.prompts_per_step,
                                                                spec.responses_per_prompt)
+        prompt_tokens, prompt_mask = parallel.constrain_rows((prompt_tokens, prompt_mask), mesh)
         rollout = collect_rollout(models, sampling, state, frozen, prompt_tokens, prompt_mask, group_ids,
                                   generate_key)
         return update(state._replace(key=key), rollout, ptx)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from algorithms import llm_common
-from constrained_rl import preference_losses
+from constrained_rl import parallel, preference_losses
 from constrained_rl.config import require
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import llama, score
@@ -164,7 +164,7 @@ def init_model(model_source: llm_common.ModelSource, score_bias: bool, key: jax.
 def export(directory: str, model: score.LlamaForScore, params: Any, model_source: llm_common.ModelSource,
            dtype: str) -> None:
     """Writes backbone, head and config.json (Hugging Face layout) and the tokenizer files."""
-    score.save_score_model(directory, model, {"params": params}, dtype=dtype)
+    score.save_score_model(directory, model, {"params": parallel.to_host(params)}, dtype=dtype)
     llm_common.save_tokenizer(directory, model_source)
 
 

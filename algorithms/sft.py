@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from algorithms import llm_common
-from constrained_rl import preference_losses
+from constrained_rl import parallel, preference_losses
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import hf_checkpoint, llama
 
@@ -84,8 +84,9 @@ def init_model(model_source: llm_common.ModelSource, key: jax.Array) -> tuple[ll
 
 def export(directory: str, model: llama.LlamaForCausalLM, params: Any, model_source: llm_common.ModelSource,
            dtype: str) -> None:
-    """Writes the Hugging Face checkpoint (weights in ``dtype``) and the tokenizer files."""
-    hf_checkpoint.save_causal_lm(directory, model, {"params": params}, dtype=dtype)
+    """Writes the Hugging Face checkpoint (weights in ``dtype``, gathered from every device) and the tokenizer
+    files."""
+    hf_checkpoint.save_causal_lm(directory, model, {"params": parallel.to_host(params)}, dtype=dtype)
     llm_common.save_tokenizer(directory, model_source)
 
 

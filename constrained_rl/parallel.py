@@ -6,8 +6,10 @@ JAX's own runtime does the parallel work; this module only says where arrays liv
   ``NamedSharding`` over a :class:`jax.sharding.Mesh`: batches, environments, prompts or runs split
   along the ``"data"`` axis (:func:`shard_batch`), parameters replicated (:func:`replicate`) or, for the
   language model, sharded by the model's partition rules (:func:`shard_params`: fully sharded data
-  parallel on ``"fsdp"``, Megatron-style tensor parallel on ``"tp"``). ``jit`` then partitions the whole
-  program (Xu et al. 2021, "GSPMD: General and Scalable Parallelization for ML Computation Graphs").
+  parallel on ``"fsdp"``, Megatron-style tensor parallel on ``"tp"``; :func:`shard_models` on any mesh,
+  the runner's one ``"data"`` axis then playing the fsdp role, see :func:`model_rules`). ``jit`` then
+  partitions the whole program (Xu et al. 2021, "GSPMD: General and Scalable Parallelization for ML
+  Computation Graphs").
   Every reduction over a sharded axis becomes a cross-device reduction: a mean loss over a sharded
   batch yields the *global* mean, so its gradient is already averaged over devices, and a constraint
   estimate such as ``mean(episode_costs)`` is the global estimate, identical on every device, before
@@ -229,6 +231,69 @@ def shard_params(tree: PyTree, mesh: Mesh, rules: Sequence[tuple[str, PartitionS
     """Places language-model parameters (or a train state holding them) by :func:`param_shardings`:
     fully sharded data parallel on ``"fsdp"``, tensor parallel on ``"tp"``."""
     return jax.tree.map(_put, tree, param_shardings(tree, mesh, rules))
+
+
+def model_rules(mesh: Mesh, rules: Sequence[tuple[str, PartitionSpec]] | None = None, leading_dims: int = 0
+                ) -> tuple[tuple[str, PartitionSpec], ...]:
+    """The language-model partition rules (default the Llama ``PARTITION_RULES``) as they apply on ``mesh``.
+
+    The rules name two axes, ``"fsdp"`` and ``"tp"``. A mesh with an ``"fsdp"`` axis takes them as
+    written. On a mesh without one, the ``"data"`` axis plays the fsdp role: parameters are split over
+    the data-parallel devices, the batch over the same devices (ZeRO-3's layout), which is what the
+    runner's one-axis mesh (``--num-devices``, ``--distributed``) gives every language model. Axes the
+    mesh lacks (``"tp"`` there) leave their dimension replicated (:func:`fit_spec`).
+
+    ``leading_dims`` prepends that many replicated dimensions to every spec: a seed-batched train state
+    ``[S, ...]`` keeps every seed on every device, each seed's weights split like one model's.
+    """
+    from constrained_rl.models import llama
+
+    rules = tuple(rules) if rules is not None else llama.PARTITION_RULES
+    rename = {} if FSDP_AXIS in mesh.shape or DATA_AXIS not in mesh.shape else {FSDP_AXIS: DATA_AXIS}
+
+    def adapt(spec: PartitionSpec) -> PartitionSpec:
+        entries = []
+        for entry in spec:
+            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            names = tuple(rename.get(n, n) for n in names)
+            entries.append(None if not names else names[0] if len(names) == 1 else names)
+        return PartitionSpec(*([None] * leading_dims), *entries)
+
+    return tuple((pattern, adapt(spec)) for pattern, spec in rules)
+
+
+def model_shardings(tree: PyTree, mesh: Mesh, leading_dims: int = 0,
+                    rules: Sequence[tuple[str, PartitionSpec]] | None = None) -> PyTree:
+    """:func:`param_shardings` under :func:`model_rules`: each leaf's ``NamedSharding`` (``tree`` may hold
+    ``jax.ShapeDtypeStruct`` leaves, e.g. ``jax.eval_shape`` of a state builder, for ``jit``'s
+    ``out_shardings``, so that a large state is created sharded instead of on one device first)."""
+    return param_shardings(tree, mesh, model_rules(mesh, rules, leading_dims))
+
+
+def shard_models(tree: PyTree, mesh: Mesh, leading_dims: int = 0,
+                 rules: Sequence[tuple[str, PartitionSpec]] | None = None) -> PyTree:
+    """Places language models, or train states holding them, fully sharded on any mesh of this project
+    (:func:`model_rules`): weight matrices and their optimizer moments split over ``"fsdp"`` (or
+    ``"data"``) and ``"tp"``; norms, counters, keys and multiplier states replicated."""
+    return jax.tree.map(_put, tree, model_shardings(tree, mesh, leading_dims, rules))
+
+
+def constrain_rows(tree: PyTree, mesh: Mesh | None, axis: int = 0) -> PyTree:
+    """Inside ``jit``: asks GSPMD to split dimension ``axis`` of every leaf over the mesh's batch axes
+    (``"data"`` and ``"fsdp"``, those it has), the batch layout that goes with :func:`model_rules`: each
+    device computes on its rows and gathers the weights it needs. A leaf whose dimension the devices do
+    not divide, or any leaf without a mesh, is left to the compiler."""
+    if mesh is None:
+        return tree
+    names = tuple(n for n in (DATA_AXIS, FSDP_AXIS) if n in mesh.shape)
+
+    def constrain(x: jax.Array) -> jax.Array:
+        if not names or x.ndim <= axis or x.shape[axis] % axis_size(mesh, names):
+            return x
+        spec = dims_spec(x.ndim, {axis: names[0] if len(names) == 1 else names})
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(constrain, tree)
 
 
 def constrain_batch(x: jax.Array, axis_name: str | Sequence[str] = DATA_AXIS, axis: int = 0) -> jax.Array:

@@ -77,3 +77,25 @@ def test_bad_configs_are_refused():
     with pytest.raises(ConfigError, match="num_minibatches"):
         rlhf_pipeline.Config(prompts_per_step=3, responses_per_prompt=1,
                              ppo=dataclasses.replace(rlhf_pipeline.SYNTHETIC_PPO, num_minibatches=2))
+
+
+def test_models_take_the_fsdp_rules_on_the_runner_mesh():
+    """On the runner's one-axis mesh "data" plays the fsdp role; "tp" and the seed axis stay whole."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from constrained_rl import parallel
+    from constrained_rl.models import llama
+
+    data_mesh, fsdp_mesh = parallel.make_mesh(("data",)), parallel.make_mesh(("fsdp", "tp"))
+    rules = dict(parallel.model_rules(data_mesh, leading_dims=1))
+    assert rules[r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$"] == P(None, "data", "tp")
+    assert rules[r"(o_proj|down_proj)/kernel$"] == P(None, "tp", "data")
+    assert parallel.model_rules(fsdp_mesh) == llama.PARTITION_RULES  # an fsdp axis takes them as written
+
+    kernel = jax.ShapeDtypeStruct((2, 8, 16), jax.numpy.float32)
+    tree = {"mu": {"params": {"layers_0": {"mlp": {"up_proj": {"kernel": kernel}}}}},
+            "count": jax.ShapeDtypeStruct((2,), jax.numpy.int32)}
+    shardings = parallel.model_shardings(tree, data_mesh, leading_dims=1)
+    assert shardings["mu"]["params"]["layers_0"]["mlp"]["up_proj"]["kernel"].spec == P(None, "data", None)
+    assert shardings["count"].spec == P(None)

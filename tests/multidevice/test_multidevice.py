@@ -1,7 +1,8 @@
 """Multi-device and multi-process behaviour, each check in its own process on faked CPU devices.
 
 * 8 devices vs 1: PPO-Lagrangian (runs x environments split), SATAC (minibatch split),
-  a RePO step (fully sharded + tensor parallel), and constrained_rl.parallel's own patterns;
+  a RePO step (fully sharded + tensor parallel), the RLHF pipeline's SFT and RL stages (every model
+  fully sharded over the runner's "data" axis), and constrained_rl.parallel's own patterns;
 * a checkpoint of arrays sharded over 8 devices restores on this process's single device;
 * ``python -m experiments.run --distributed``: two processes of two devices each reach the
   single-process result, and only process 0 writes the run directory's logs and summary.
@@ -57,6 +58,7 @@ def test_parallel_patterns_and_a_sharded_checkpoint_restored_on_one_device(tmp_p
     ("check_ppo_lag", {"ppo_lag_params", "ppo_lag_multiplier", "ppo_lag_env_state", "ppo_lag_metrics"}),
     ("check_satac", {"satac_state", "satac_metrics"}),
     ("check_repo", {"repo_state", "repo_metrics"}),
+    ("check_rlhf_pipeline", {"sft_params", "sft_summary", "sft_metrics", "rl_state", "rl_metrics"}),
 ])
 def test_trainer_on_8_devices_matches_1(check, names):
     checks = ok_lines(run_check(f"tests.multidevice.{check}", timeout=300))

@@ -139,6 +139,9 @@ class Algorithm(NamedTuple):
     # False when training ignores the cost limit (BC-All, ATAC): one run per seed is trained and
     # scored under every limit, instead of identical copies per limit.
     uses_cost_limit: bool = True
+    # True when an update reads ``batch.returns`` (Monte-Carlo targets): the scaffold then adds the
+    # dataset's discounted returns-to-go (dsrl.with_returns_to_go at the config's discount).
+    uses_returns: bool = False
 
 
 class Variant(NamedTuple):
@@ -413,6 +416,8 @@ def make_session(config: OfflineConfig, dataset: dsrl.OfflineDataset, make_algor
     has_reference = dataset.metadata.reward_min is not None and dataset.metadata.reward_max is not None
     reference = evaluation.reference_returns(dataset.metadata) if has_reference else None
     algorithm = make_algorithm(config, problem)
+    if algorithm.uses_returns:
+        dataset = dsrl.with_returns_to_go(dataset, config.discount)
     # A learner that ignores the limit trains one run per seed, held to a nominal (unused) limit.
     trained_limits = config.cost_limits if algorithm.uses_cost_limit else (-1.0,)
     if not algorithm.uses_cost_limit:

@@ -26,8 +26,9 @@ A Stackelberg game per update, the critics (followers) first, then the actor (le
 * ``lambda`` fixed (the paper's) or moved by a :mod:`constrained_rl.lagrangian` rule on the policy's
   estimated cost value ``mean_b max_e f_c(s_b, pi(s_b))`` against the per-step threshold.
 
-Warm start (ATAC): the actor clones the data (``normalized_sum(-log pi(a|s), -entropy, alpha)``) and
-both critics minimise their Bellman errors only. All losses come from :mod:`constrained_rl.critics`;
+Warm start (ATAC's behaviour pretraining): the actor clones the data
+(``normalized_sum(-log pi(a|s), -entropy, alpha)``) and both critics minimise their Bellman errors only,
+everything at the fast (critic) learning rate. All losses come from :mod:`constrained_rl.critics`;
 every default and choice is listed with its source in docs/algorithms/satac.md.
 """
 
@@ -51,6 +52,7 @@ Params = Any
 Reference = Literal["behaviour", "bc_safe", "threshold"]
 MultiplierRuleName = Literal["fixed", "ascent", "pid"]
 WarmupData = Literal["all", "safe"]
+CriticWarmup = Literal["bellman", "returns"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Config(offline.OfflineConfig):
     critic_norm: float = 100.0  # L2-ball radius of each critic weight matrix (ATAC)
     warmup_updates: int = 100_000  # warm start: BC actor and Bellman-only critics (ATAC: 100k)
     warmup_data: WarmupData = "all"  # warm start on all data (ATAC) or on the episodes within kappa (BC-Safe's)
+    critic_warmup: CriticWarmup = "bellman"  # warm-start critics on Bellman errors (ATAC) or Monte-Carlo returns
     reference_updates: int = 100_000  # BC-Safe reference updates before the warm start (bc_safe only)
     reference_learning_rate: float = 1e-3  # Adam step size of the BC-Safe reference (OSRL BC)
     num_updates: int = 200_000  # adversarial updates after the warm start
@@ -87,6 +90,8 @@ class Config(offline.OfflineConfig):
                 f"must be behaviour, bc_safe or threshold (got {self.reference!r})")
         require(self.warmup_data in ("all", "safe"), "warmup_data",
                 f"must be all or safe (got {self.warmup_data!r})")
+        require(self.critic_warmup in ("bellman", "returns"), "critic_warmup",
+                f"must be bellman or returns (got {self.critic_warmup!r})")
         require(self.multiplier_rule in ("fixed", "ascent", "pid"), "multiplier_rule",
                 f"must be fixed, ascent or pid (got {self.multiplier_rule!r})")
         for name in ("actor_learning_rate", "critic_learning_rate", "alpha_learning_rate", "init_alpha",
@@ -209,9 +214,11 @@ class SATACState:
     cost_critic: Params  # trained only by SATAC (ATAC keeps its initial value)
     cost_target: Params
     log_alpha: jax.Array
-    actor_optimizer: optax.OptState
+    actor_optimizer: optax.OptState  # slow Adam of the adversarial phase
     critic_optimizer: optax.OptState  # one Adam over (reward_critic, cost_critic)
-    alpha_optimizer: optax.OptState
+    alpha_optimizer: optax.OptState  # slow Adam of the adversarial phase
+    warmup_actor_optimizer: optax.OptState  # fast Adam of the warm start's cloning
+    warmup_alpha_optimizer: optax.OptState  # fast Adam of alpha in the warm start
     multiplier_state: Any
     reference: bc.BCState  # the BC-Safe reference policy (trained only when reference = bc_safe)
     cost_limit: jax.Array  # kappa of this run
@@ -226,6 +233,7 @@ class Learner(NamedTuple):
     actor_optimizer: optax.GradientTransformation
     critic_optimizer: optax.GradientTransformation
     alpha_optimizer: optax.GradientTransformation
+    warmup_optimizer: optax.GradientTransformation  # actor and alpha in the warm start (fast timescale)
     reference_optimizer: optax.GradientTransformation
     multiplier_rule: lagrangian.MultiplierRule
 
@@ -249,9 +257,12 @@ def make_learner(config: Config, problem: offline.Problem) -> Learner:
         reward_critic=QEnsemble(tuple(config.hidden_sizes)),
         cost_critic=QEnsemble(tuple(config.hidden_sizes)),
     )
+    # The warm start clones at the critics' (fast) rate, as ATAC's behaviour pretraining does: at
+    # the actor's slow rate a 100k-update warm start would leave the actor at its initialisation.
     return Learner(config, problem, networks, optax.adam(config.actor_learning_rate),
                    optax.adam(config.critic_learning_rate), optax.adam(config.alpha_learning_rate),
-                   optax.adam(config.reference_learning_rate), make_multiplier_rule(config))
+                   optax.adam(config.critic_learning_rate), optax.adam(config.reference_learning_rate),
+                   make_multiplier_rule(config))
 
 
 def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array) -> SATACState:
@@ -273,6 +284,8 @@ def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array) -> SATAC
         actor_optimizer=learner.actor_optimizer.init(actor),
         critic_optimizer=learner.critic_optimizer.init((reward_critic, cost_critic)),
         alpha_optimizer=learner.alpha_optimizer.init(log_alpha),
+        warmup_actor_optimizer=learner.warmup_optimizer.init(actor),
+        warmup_alpha_optimizer=learner.warmup_optimizer.init(log_alpha),
         multiplier_state=learner.multiplier_rule.init(),
         reference=bc.init_bc_state(nets.actor, learner.reference_optimizer, reference_key,
                                    sizes.observation_size),
@@ -298,9 +311,40 @@ def _sample_actions(learner: Learner, actor_params: Params, observations: jax.Ar
     return distributions.tanh_gaussian_sample_and_log_prob(key, mean, log_std)
 
 
+def _critic_targets(learner: Learner, state: SATACState, batch: TransitionBatch, next_actions: jax.Array,
+                    tail_actions: jax.Array | None):
+    """Regression targets of the reward and cost critics (cost: None for ATAC).
+
+    One-step Bellman targets ``r + gamma (1 - d) min_e f^target(s', a')`` (cost: ``c``, ``max_e``);
+    with ``tail_actions`` (a' ~ pi at the episodes' tail states) the Monte-Carlo targets
+    ``G_t + tail_discount * min_e f^target(s_tail, a_tail)`` of the returns warm start instead.
+    """
+    config, nets = learner.config, learner.networks
+    if tail_actions is None:
+        observations, actions = batch.next_observations, next_actions
+        signals = (batch.rewards, batch.costs)
+        discounts = batch.discounts(config.discount)
+    else:
+        returns = batch.returns
+        observations, actions = returns.tail_observations, tail_actions
+        signals = (returns.reward_returns, returns.cost_returns)
+        discounts = returns.tail_discounts
+    reward_target = critics.bellman_target(
+        signals[0], discounts, critics.double_q_min(nets.reward_critic.apply(state.reward_target, observations, actions)))
+    if not config.use_cost_critic:
+        return reward_target, None
+    cost_target = critics.bellman_target(
+        signals[1], discounts, critics.double_q_max(nets.cost_critic.apply(state.cost_target, observations, actions)))
+    return reward_target, cost_target
+
+
 def _critic_step(learner: Learner, state: SATACState, batch: TransitionBatch, policy_actions: jax.Array,
-                 next_actions: jax.Array, multiplier: jax.Array, adversarial: bool):
-    """One Adam step of both critics, then projection and Polyak targets."""
+                 next_actions: jax.Array, multiplier: jax.Array, adversarial: bool,
+                 tail_actions: jax.Array | None = None):
+    """One Adam step of both critics, then projection and Polyak targets.
+
+    With ``tail_actions`` the critics regress on the Monte-Carlo targets alone (the returns warm start).
+    """
     config, nets = learner.config, learner.networks
     batch_size = batch.rewards.shape[0]
     discounts = batch.discounts(config.discount)
@@ -311,24 +355,21 @@ def _critic_step(learner: Learner, state: SATACState, batch: TransitionBatch, po
     def split(q: jax.Array):
         return q[:, :batch_size], q[:, batch_size:2 * batch_size], q[:, 2 * batch_size:]
 
-    next_reward_target = nets.reward_critic.apply(state.reward_target, batch.next_observations, next_actions)
-    reward_td_target = critics.bellman_target(batch.rewards, discounts, critics.double_q_min(next_reward_target))
-    if config.use_cost_critic:
-        next_cost_target = nets.cost_critic.apply(state.cost_target, batch.next_observations, next_actions)
-        cost_td_target = critics.bellman_target(batch.costs, discounts, critics.double_q_max(next_cost_target))
+    reward_td_target, cost_td_target = _critic_targets(learner, state, batch, next_actions, tail_actions)
+    td_weight = config.td_weight if tail_actions is None else 1.0
 
     def loss_fn(critic_params):
         reward_params, cost_params = critic_params
         q_data, q_policy, q_next = split(nets.reward_critic.apply(reward_params, observations, actions))
         reward_loss = critic_loss(q_data, q_policy, q_next, reward_td_target, batch.rewards, discounts,
-                                  config.beta, 1.0, adversarial, config.td_weight)
+                                  config.beta, 1.0, adversarial, td_weight)
         metrics = {"reward_critic_loss": reward_loss, "q_reward_data": jnp.mean(q_data),
                    "reward_pessimism": jnp.mean(q_policy - q_data)}
         if not config.use_cost_critic:
             return reward_loss, metrics
         c_data, c_policy, c_next = split(nets.cost_critic.apply(cost_params, observations, actions))
         cost_loss = critic_loss(c_data, c_policy, c_next, cost_td_target, batch.costs, discounts,
-                                config.beta, -multiplier, adversarial, config.td_weight)
+                                config.beta, -multiplier, adversarial, td_weight)
         metrics.update(cost_critic_loss=cost_loss, q_cost_data=jnp.mean(c_data),
                        cost_pessimism=jnp.mean(c_policy - c_data))
         return reward_loss + cost_loss, metrics
@@ -348,10 +389,13 @@ def _critic_step(learner: Learner, state: SATACState, batch: TransitionBatch, po
     ), metrics
 
 
-def _alpha_step(learner: Learner, state: SATACState, log_probs: jax.Array) -> SATACState:
+def _alpha_step(learner: Learner, state: SATACState, log_probs: jax.Array, warm: bool) -> SATACState:
     grad = jax.grad(alpha_loss)(state.log_alpha, log_probs, learner.target_entropy)
-    updates, alpha_optimizer = learner.alpha_optimizer.update(grad, state.alpha_optimizer, state.log_alpha)
-    return state.replace(log_alpha=optax.apply_updates(state.log_alpha, updates), alpha_optimizer=alpha_optimizer)
+    if warm:
+        updates, optimizer = learner.warmup_optimizer.update(grad, state.warmup_alpha_optimizer, state.log_alpha)
+        return state.replace(log_alpha=optax.apply_updates(state.log_alpha, updates), warmup_alpha_optimizer=optimizer)
+    updates, optimizer = learner.alpha_optimizer.update(grad, state.alpha_optimizer, state.log_alpha)
+    return state.replace(log_alpha=optax.apply_updates(state.log_alpha, updates), alpha_optimizer=optimizer)
 
 
 def reference_cost(learner: Learner, state: SATACState, batch: TransitionBatch) -> jax.Array:
@@ -392,8 +436,11 @@ def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key
         return actor_loss(q_reward, log_probs, alpha, penalty, multiplier), metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.actor)
-    updates, actor_optimizer = learner.actor_optimizer.update(grads, state.actor_optimizer, state.actor)
-    return state.replace(actor=optax.apply_updates(state.actor, updates), actor_optimizer=actor_optimizer), metrics
+    if warm:
+        updates, optimizer = learner.warmup_optimizer.update(grads, state.warmup_actor_optimizer, state.actor)
+        return state.replace(actor=optax.apply_updates(state.actor, updates), warmup_actor_optimizer=optimizer), metrics
+    updates, optimizer = learner.actor_optimizer.update(grads, state.actor_optimizer, state.actor)
+    return state.replace(actor=optax.apply_updates(state.actor, updates), actor_optimizer=optimizer), metrics
 
 
 def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax.Array,
@@ -404,13 +451,18 @@ def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax
     The actor's sampled actions use the same noise in the critic step (as ``sg(pi(s))``) and in the
     actor step, as ATAC draws them once.
     """
-    policy_key, next_key = jax.random.split(key)
+    policy_key, next_key, tail_key = jax.random.split(key, 3)
     policy_actions, log_probs = _sample_actions(learner, state.actor, batch.observations, policy_key)
     next_actions, _ = _sample_actions(learner, state.actor, batch.next_observations, next_key)
+    tail_actions = None
+    if warm and learner.config.critic_warmup == "returns":
+        tail_actions, _ = _sample_actions(learner, state.actor, batch.returns.tail_observations, tail_key)
+        tail_actions = jax.lax.stop_gradient(tail_actions)
     multiplier = lagrangian.multiplier(state.multiplier_state)
     state, critic_metrics = _critic_step(learner, state, batch, jax.lax.stop_gradient(policy_actions),
-                                         jax.lax.stop_gradient(next_actions), multiplier, adversarial=not warm)
-    state = _alpha_step(learner, state, log_probs)
+                                         jax.lax.stop_gradient(next_actions), multiplier, adversarial=not warm,
+                                         tail_actions=tail_actions)
+    state = _alpha_step(learner, state, log_probs, warm)
     state, actor_metrics = _actor_step(learner, state, batch, policy_key, multiplier, warm)
     if learner.config.use_cost_critic and not warm:
         # The constraint estimate: the policy's discounted cost value on the batch states, which the
@@ -444,7 +496,8 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         offline.Phase("train", lambda s, b, k: update(learner, s, b, k), config.num_updates),
     )
     return offline.Algorithm(lambda key, limit: init_state(learner, key, limit), phases,
-                             bc.mode_policy(learner.networks.actor), uses_cost_limit=config.uses_cost_limit)
+                             bc.mode_policy(learner.networks.actor), uses_cost_limit=config.uses_cost_limit,
+                             uses_returns=config.critic_warmup == "returns" and config.warmup_updates > 0)
 
 
 def run(config: Config, ctx) -> dict[str, Any]:

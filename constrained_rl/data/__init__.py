@@ -2,9 +2,11 @@
 
 from constrained_rl.data.dsrl import (
     DSRL_KEYS,
+    BatchReturns,
     DatasetMetadata,
     Episodes,
     OfflineDataset,
+    ReturnsToGo,
     TransitionBatch,
     dataset_arrays,
     load_dsrl,
@@ -15,6 +17,7 @@ from constrained_rl.data.dsrl import (
     split_episodes,
     take_transitions,
     validate_arrays,
+    with_returns_to_go,
 )
 from constrained_rl.data.filters import (
     filter_safe_episodes,
@@ -25,9 +28,11 @@ from constrained_rl.data.filters import (
 
 __all__ = [
     "DSRL_KEYS",
+    "BatchReturns",
     "DatasetMetadata",
     "Episodes",
     "OfflineDataset",
+    "ReturnsToGo",
     "TransitionBatch",
     "dataset_arrays",
     "filter_safe_episodes",
@@ -42,4 +47,5 @@ __all__ = [
     "split_episodes",
     "take_transitions",
     "validate_arrays",
+    "with_returns_to_go",
 ]

@@ -69,6 +69,20 @@ _ATTRIBUTE_TYPES = {
 }
 
 
+class BatchReturns(NamedTuple):
+    """The rest of each sampled transition's episode, for Monte-Carlo value targets.
+
+    ``Q(s_t, a_t) ~ reward_returns + tail_discounts * V(tail_observations)``: the discounted sums
+    run from ``t`` to the episode's last row, and the tail bootstraps from the state after it
+    unless the episode ended in a terminal state (``tail_discounts`` is then 0).
+    """
+
+    reward_returns: jax.Array  # [B] sum_{i=t}^{end} gamma^(i-t) r_i
+    cost_returns: jax.Array  # [B] sum_{i=t}^{end} gamma^(i-t) c_i
+    tail_observations: jax.Array  # [B, obs_dim] s_{end+1}
+    tail_discounts: jax.Array  # [B] gamma^(end-t+1) (1 - terminal_end)
+
+
 class TransitionBatch(NamedTuple):
     """A batch of transitions ``(s, a, r, c, s', terminal)``; every field has the batch on axis 0."""
 
@@ -78,6 +92,7 @@ class TransitionBatch(NamedTuple):
     costs: jax.Array  # [B]
     next_observations: jax.Array  # [B, obs_dim]
     terminals: jax.Array  # [B] float32, 1 where s' is terminal (no bootstrapping from it)
+    returns: BatchReturns | None = None  # set when the dataset carries its returns-to-go
 
     def discounts(self, gamma: float | jax.Array) -> jax.Array:
         """Bootstrap weights ``gamma * (1 - terminal)`` for one-step targets ``r + discount * V(s')``.
@@ -86,6 +101,16 @@ class TransitionBatch(NamedTuple):
         target bootstraps through it (the convention of D4RL, DSRL and OSRL).
         """
         return gamma * (1.0 - self.terminals)
+
+
+@struct.dataclass
+class ReturnsToGo:
+    """Per row: the discounted rest of its episode (see :class:`BatchReturns`, :func:`with_returns_to_go`)."""
+
+    reward_returns: jax.Array  # [N] float32
+    cost_returns: jax.Array  # [N] float32
+    tail_rows: jax.Array  # [N] int32, the last row of the row's episode
+    tail_discounts: jax.Array  # [N] float32
 
 
 @struct.dataclass
@@ -104,6 +129,7 @@ class OfflineDataset:
     terminals: jax.Array  # [N] float32
     timeouts: jax.Array  # [N] float32
     metadata: DatasetMetadata = struct.field(pytree_node=False, default=DatasetMetadata())
+    returns: ReturnsToGo | None = None  # discounted returns-to-go, added by with_returns_to_go
 
     @property
     def num_transitions(self) -> int:
@@ -124,6 +150,14 @@ def sample_batch(dataset: OfflineDataset, key: jax.Array, batch_size: int) -> Tr
 def take_transitions(dataset: OfflineDataset, indices: jax.Array) -> TransitionBatch:
     """The transitions at ``indices`` (any integer shape ``S``; every field gets leading shape ``S``)."""
     chex.assert_type(indices, int)
+    returns = None
+    if dataset.returns is not None:
+        returns = BatchReturns(
+            reward_returns=dataset.returns.reward_returns[indices],
+            cost_returns=dataset.returns.cost_returns[indices],
+            tail_observations=dataset.next_observations[dataset.returns.tail_rows[indices]],
+            tail_discounts=dataset.returns.tail_discounts[indices],
+        )
     return TransitionBatch(
         observations=dataset.observations[indices],
         actions=dataset.actions[indices],
@@ -131,6 +165,7 @@ def take_transitions(dataset: OfflineDataset, indices: jax.Array) -> TransitionB
         costs=dataset.costs[indices],
         next_observations=dataset.next_observations[indices],
         terminals=dataset.terminals[indices],
+        returns=returns,
     )
 
 
@@ -213,6 +248,45 @@ def split_episodes(dataset: OfflineDataset) -> Episodes:
         reward_returns=_segment_sums(np.asarray(dataset.rewards), starts, ends),
         cost_returns=_segment_sums(np.asarray(dataset.costs), starts, ends),
     )
+
+
+def with_returns_to_go(dataset: OfflineDataset, gamma: float) -> OfflineDataset:
+    """The dataset with each row's discounted returns-to-go within its episode (host-side, once).
+
+    For row ``t`` of an episode whose last row is ``end``::
+
+        G^r_t = sum_{i=t}^{end} gamma^(i-t) r_i,    G^c_t likewise with c,
+        tail_discount_t = gamma^(end-t+1) * (1 - terminal_end),
+
+    so ``G_t + tail_discount_t * V(s_{end+1})`` is a Monte-Carlo estimate of the behaviour's
+    ``Q(s_t, a_t)`` that bootstraps past a time-limit cut (the targets of the value pretraining in
+    lightATAC's behaviour pretraining, Cheng et al. 2022). Rows after the last flagged row form an
+    episode cut at the end of the data, bootstrapped the same way.
+    """
+    rewards, costs = np.asarray(dataset.rewards, np.float64), np.asarray(dataset.costs, np.float64)
+    terminals = np.asarray(dataset.terminals) > 0
+    n = rewards.shape[0]
+    done = terminals | (np.asarray(dataset.timeouts) > 0)
+    done[-1] = True
+    reward_returns, cost_returns = np.zeros(n), np.zeros(n)
+    tail_rows, tail_discounts = np.zeros(n, np.int32), np.zeros(n)
+    reward_acc = cost_acc = discount_acc = 0.0
+    tail = n - 1
+    for t in range(n - 1, -1, -1):  # one backward pass; episodes restart at every flagged row
+        if done[t]:
+            tail, reward_acc, cost_acc = t, 0.0, 0.0
+            discount_acc = 0.0 if terminals[t] else 1.0
+        reward_acc = rewards[t] + gamma * reward_acc
+        cost_acc = costs[t] + gamma * cost_acc
+        discount_acc = gamma * discount_acc
+        reward_returns[t], cost_returns[t] = reward_acc, cost_acc
+        tail_rows[t], tail_discounts[t] = tail, discount_acc
+    return dataset.replace(returns=ReturnsToGo(
+        reward_returns=jnp.asarray(reward_returns, jnp.float32),
+        cost_returns=jnp.asarray(cost_returns, jnp.float32),
+        tail_rows=jnp.asarray(tail_rows),
+        tail_discounts=jnp.asarray(tail_discounts, jnp.float32),
+    ))
 
 
 def _segment_sums(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -199,3 +200,61 @@ def test_resume_through_the_loop_is_exact(session, trained, tmp_path):
     # The main phase restarts from its checkpoint after two chunks and recomputes the third.
     resumed = offline.train(config, RunContext(tmp_path, progress=False), session)
     chex.assert_trees_all_equal(resumed, uninterrupted)
+
+
+# --------------------------------------------------------------------------------------------------
+# The warm start: fast-timescale cloning, and critics fitted to Monte-Carlo returns.
+
+
+def _warm_learner(**overrides):
+    config = satac.Config(hidden_sizes=(16, 16), actor_learning_rate=1e-9, critic_learning_rate=1e-2,
+                          warmup_updates=0, reference_updates=0, **overrides)
+    learner = satac.make_learner(config, offline.Problem(observation_size=5, action_size=2, episode_length=10))
+    dataset = dsrl.with_returns_to_go(one_step_dataset(64), config.discount)
+    batch = dsrl.take_transitions(dataset, jnp.arange(64))
+    update = jax.jit(functools.partial(satac.update, learner), static_argnames="warm")
+    return learner, satac.init_state(learner, jax.random.PRNGKey(0), jnp.float32(10.0)), batch, update
+
+
+def test_warm_start_clones_at_the_fast_rate():
+    learner, state, batch, update = _warm_learner()
+    warm = state
+    for i in range(5):
+        warm, _ = update(warm, batch, jax.random.PRNGKey(i), warm=True)
+    moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), warm.actor, state.actor)
+    # Five Adam steps at the slow rate 1e-9 could move no weight by more than 5e-9.
+    assert max(jax.tree.leaves(moved)) > 1e-3
+    chex.assert_trees_all_equal(warm.actor_optimizer, state.actor_optimizer)  # the slow Adam is untouched
+    trained, _ = update(warm, batch, jax.random.PRNGKey(9))
+    moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), trained.actor, warm.actor)
+    assert max(jax.tree.leaves(moved)) < 1e-8  # the adversarial phase keeps the slow rate
+
+
+def test_returns_warm_start_regresses_on_bootstrapped_returns():
+    learner, state, batch, update = _warm_learner(critic_warmup="returns")
+    tail_actions = jnp.full((64, 2), 0.3)
+    reward_target, cost_target = satac._critic_targets(learner, state, batch, batch.actions, tail_actions)
+    nets = learner.networks
+    tail_reward = jnp.min(nets.reward_critic.apply(state.reward_target, batch.returns.tail_observations, tail_actions), 0)
+    tail_cost = jnp.max(nets.cost_critic.apply(state.cost_target, batch.returns.tail_observations, tail_actions), 0)
+    # Every transition is terminal here, so the returns are the one-step signals and nothing bootstraps.
+    np.testing.assert_allclose(batch.returns.tail_discounts, 0.0)
+    np.testing.assert_allclose(reward_target, batch.rewards + 0.0 * tail_reward, rtol=1e-6)
+    np.testing.assert_allclose(cost_target, batch.costs + 0.0 * tail_cost, rtol=1e-6)
+    # A timeout bootstraps: G + tail_discount * min_e Q_target(s_tail, a_tail).
+    cut = batch._replace(returns=batch.returns._replace(tail_discounts=jnp.full((64,), 0.25)))
+    reward_target, cost_target = satac._critic_targets(learner, state, cut, batch.actions, tail_actions)
+    np.testing.assert_allclose(reward_target, batch.rewards + 0.25 * tail_reward, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cost_target, batch.costs + 0.25 * tail_cost, rtol=1e-5, atol=1e-6)
+
+    # The algorithm asks the scaffold for returns-to-go only when its warm start uses them.
+    problem = offline.Problem(observation_size=5, action_size=2, episode_length=10)
+    assert satac.make_algorithm(satac.Config(critic_warmup="returns"), problem).uses_returns
+    assert not satac.make_algorithm(satac.Config(), problem).uses_returns
+    with pytest.raises(ConfigError, match="critic_warmup"):
+        satac.Config(critic_warmup="monte_carlo")
+    # Fitting the returns: the data's Q values approach them within a few hundred fast steps.
+    for i in range(300):
+        state, _ = update(state, batch, jax.random.PRNGKey(i), warm=True)
+    q = nets.reward_critic.apply(state.reward_critic, batch.observations, batch.actions)
+    assert float(jnp.mean((q - batch.rewards) ** 2)) < 0.1 * float(jnp.var(batch.rewards))

@@ -88,6 +88,9 @@ class Config:
     responses_per_prompt: int = 4  # K: responses per prompt (all methods; RePO's per-prompt cost estimate)
     max_prompt_length: int = 12  # prompt tokens (left-padded / truncated on the left)
     cost_limit: float = 0.0  # d: a response or prompt is safe when its cost is <= d
+    # d that Safe-RLHF and RePO train against; None: cost_limit. A margin below cost_limit holds the
+    # constrained quantity (a prompt's expected cost, or the average) inside the limit, not on it
+    train_cost_limit: float | None = None
     safe_rlhf: safe_rlhf.SafeRLHFConfig = safe_rlhf.SafeRLHFConfig()  # Safe-RLHF's multiplier
     repo: repo.RePOConfig = repo.RePOConfig()  # RePO's multiplier
     shaping_multiplier: float = 2.0  # the fixed lambda of the shaping baseline
@@ -116,6 +119,11 @@ class Config:
                 f"must divide the {batch} responses of a step")
 
     @property
+    def training_cost_limit(self) -> float:
+        """The d of the constrained learners' training (``train_cost_limit``, else ``cost_limit``)."""
+        return self.cost_limit if self.train_cost_limit is None else self.train_cost_limit
+
+    @property
     def synthetic(self) -> bool:
         """Whether the prompts (and so the exact scorers) are the synthetic task's."""
         return self.prompts is None
@@ -124,9 +132,9 @@ class Config:
 def cost_signal(method: str, config: Config) -> rlhf_ppo.CostSignal:
     """The cost handling of ``method``: the only thing that differs between the four learners."""
     if method == "safe_rlhf":
-        return safe_rlhf.cost_signal(config.safe_rlhf, config.cost_limit)
+        return safe_rlhf.cost_signal(config.safe_rlhf, config.training_cost_limit)
     if method == "repo":
-        return repo.cost_signal(config.repo, config.cost_limit)
+        return repo.cost_signal(config.repo, config.training_cost_limit)
     return repo.baseline_signal(config.shaping_multiplier if method == "shaping" else 0.0)
 
 
@@ -306,7 +314,7 @@ def train_method(method: str, config: Config, setup: Setup, ctx: Any) -> rlhf_pp
     model's, the seed axis, multiplier, cost window and keys replicated (``parallel.model_rules``).
     """
     signal = cost_signal(method, config)
-    spec = rlhf_ppo.StepSpec(config.prompts_per_step, config.responses_per_prompt, config.cost_limit)
+    spec = rlhf_ppo.StepSpec(config.prompts_per_step, config.responses_per_prompt, config.training_cost_limit)
     step = rlhf_ppo.make_rl_step(setup.models, config.ppo, signal, spec, config.num_steps, ctx.mesh)
     chunk = rlhf_ppo.make_chunk(step, config.steps_per_chunk, num_seeds=config.num_seeds)
     window = config.safe_rlhf.cost_window

@@ -99,3 +99,18 @@ def test_models_take_the_fsdp_rules_on_the_runner_mesh():
     shardings = parallel.model_shardings(tree, data_mesh, leading_dims=1)
     assert shardings["mu"]["params"]["layers_0"]["mlp"]["up_proj"]["kernel"].spec == P(None, "data", None)
     assert shardings["count"].spec == P(None)
+
+
+def test_training_limit_can_sit_below_the_reported_limit():
+    import jax.numpy as jnp
+
+    assert rlhf_pipeline.Config().training_cost_limit == 0.0
+    config = rlhf_pipeline.Config(train_cost_limit=-0.5)
+    assert config.training_cost_limit == -0.5 and config.cost_limit == 0.0
+    # Both constrained learners train against the margin: a prompt of mean cost -0.2 is safe by the
+    # reported limit but still gated (RePO), and Safe-RLHF's average constraint reads the same d.
+    group_costs, group_ids = jnp.array([-0.2, -1.0]), jnp.array([0, 0, 1, 1])
+    gate = rlhf_pipeline.cost_signal("repo", config).gate(group_costs, group_ids)
+    assert gate.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert rlhf_pipeline.cost_signal("repo", rlhf_pipeline.Config()).gate(group_costs, group_ids).tolist() == [0.0] * 4
+    assert rlhf_pipeline.cost_signal("safe_rlhf", config).limit == -0.5

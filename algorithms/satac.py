@@ -80,6 +80,7 @@ class Config(offline.OfflineConfig):
     warmup_updates: int = 100_000  # warm start: BC actor and Bellman-only critics (ATAC: 100k)
     warmup_data: WarmupData = "all"  # warm start on all data (ATAC) or on the episodes within kappa (BC-Safe's)
     critic_warmup: CriticWarmup = "bellman"  # warm-start critics on Bellman errors (ATAC) or Monte-Carlo returns
+    actor_from_reference: bool = False  # bc_safe only: the actor enters the warm start as the BC-Safe reference
     reference_updates: int = 100_000  # BC-Safe reference updates before the warm start (bc_safe only)
     reference_learning_rate: float = 1e-3  # Adam step size of the BC-Safe reference (OSRL BC)
     num_updates: int = 200_000  # adversarial updates after the warm start
@@ -107,6 +108,8 @@ class Config(offline.OfflineConfig):
         require(0 <= self.td_weight <= 1, "td_weight", f"must be in [0, 1] (got {self.td_weight})")
         require(len(self.hidden_sizes) >= 1 and all(w >= 1 for w in self.hidden_sizes), "hidden_sizes",
                 f"must be one or more positive widths (got {self.hidden_sizes})")
+        require(not self.actor_from_reference or self.trains_reference, "actor_from_reference",
+                "needs the BC-Safe reference (reference = bc_safe, with the cost critic on)")
         offline.require_whole_chunks(self, "warmup_updates")
         offline.require_whole_chunks(self, "reference_updates")
 
@@ -480,7 +483,9 @@ def _reference_update(learner: Learner):
 
     def reference_update(state: SATACState, batch: TransitionBatch, key: jax.Array):
         reference, metrics = clone(state.reference, batch, key)
-        return state.replace(reference=reference), {f"reference_{k}": v for k, v in metrics.items()}
+        # The actor follows the reference through this phase, so it enters the warm start as BC-Safe.
+        actor = reference.actor if learner.config.actor_from_reference else state.actor
+        return state.replace(reference=reference, actor=actor), {f"reference_{k}": v for k, v in metrics.items()}
 
     return reference_update
 

@@ -258,3 +258,19 @@ def test_returns_warm_start_regresses_on_bootstrapped_returns():
         state, _ = update(state, batch, jax.random.PRNGKey(i), warm=True)
     q = nets.reward_critic.apply(state.reward_critic, batch.observations, batch.actions)
     assert float(jnp.mean((q - batch.rewards) ** 2)) < 0.1 * float(jnp.var(batch.rewards))
+
+
+def test_actor_can_enter_the_warm_start_as_the_reference():
+    problem = offline.Problem(observation_size=5, action_size=2, episode_length=10)
+    config = satac.Config(hidden_sizes=(16,), actor_from_reference=True, reference_updates=0, warmup_updates=0)
+    algorithm = satac.make_algorithm(config, problem)
+    reference_phase = {p.name: p for p in algorithm.phases}["reference"]
+    state = satac.init_state(satac.make_learner(config, problem), jax.random.PRNGKey(0), jnp.float32(10.0))
+    batch = dsrl.take_transitions(one_step_dataset(32), jnp.arange(32))
+    after, _ = reference_phase.update(state, batch, jax.random.PRNGKey(1))
+    chex.assert_trees_all_equal(after.actor, after.reference.actor)
+    plain = satac.make_algorithm(dataclasses.replace(config, actor_from_reference=False), problem)
+    unchanged, _ = {p.name: p for p in plain.phases}["reference"].update(state, batch, jax.random.PRNGKey(1))
+    chex.assert_trees_all_equal(unchanged.actor, state.actor)
+    with pytest.raises(ConfigError, match="actor_from_reference"):
+        satac.Config(reference="threshold", actor_from_reference=True)

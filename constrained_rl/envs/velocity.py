@@ -12,7 +12,7 @@ termination from the final frame exactly as it would have. Safety-Gymnasium's co
 ``1[speed > threshold]`` per environment step (speed averaged over its frame skip); the per-frame
 count is finer and ranges over [0, n_frames] per step.
 
-Thresholds: see docs/environments.md for how each default was obtained.
+Thresholds: calibrated on Brax by Safety-Gymnasium's rule; docs/environments.md records how.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from brax import envs as brax_envs
 
 from constrained_rl.config import require
+from constrained_rl.envs import brax_compat
 from constrained_rl.envs.base import Env, EnvState, initial_state
 
 
@@ -34,22 +35,27 @@ class VelocityTask:
     backend: str  # default physics backend (fast and stable on CPU)
     threshold: float  # speed threshold in m/s
     planar: bool = False  # speed is ||(dx, dy)|| / dt instead of dx / dt
-    unavailable: str = ""  # why the task cannot run with the installed Brax, if it cannot
 
 
-# Thresholds default to Safety-Gymnasium's MuJoCo values unless recalibrated for Brax; see
-# docs/environments.md for the provenance of each one.
+# Thresholds calibrated on Brax by Safety-Gymnasium's rule (half the top speed of a plain-PPO policy
+# trained for about 1e7 steps, experiments/calibrate_velocity.py); docs/environments.md records how.
 VELOCITY_TASKS: dict[str, VelocityTask] = {
-    "HalfCheetahVelocity": VelocityTask("halfcheetah", "spring", 3.2096),
-    "HopperVelocity": VelocityTask("hopper", "spring", 0.7402),
-    "Walker2dVelocity": VelocityTask("walker2d", "generalized", 2.3415),
-    "AntVelocity": VelocityTask("ant", "spring", 2.6222, planar=True),
-    "SwimmerVelocity": VelocityTask(
-        "swimmer", "generalized", 0.2282,
-        unavailable="Brax 0.14.2's swimmer supports only the generalized backend, whose step calls "
-                    "jnp.clip(a_min=...), removed in the installed JAX"),
+    "HalfCheetahVelocity": VelocityTask("halfcheetah", "spring", 1.6870),
+    "HopperVelocity": VelocityTask("hopper", "spring", 0.4066),
+    "Walker2dVelocity": VelocityTask("walker2d", "generalized", 1.1394),  # 5e6 steps, not 1e7
+    "AntVelocity": VelocityTask("ant", "spring", 4.4902, planar=True),
+    # Brax's swimmer supports only the generalized backend; its viscous drag needs brax_compat.
+    "SwimmerVelocity": VelocityTask("swimmer", "generalized", 0.0214),
 }
 BRAX_BACKENDS = ("generalized", "positional", "spring", "mjx")
+
+
+def find_task(name: str) -> tuple[str, VelocityTask] | None:
+    """``(registry name, task)`` for a velocity task given either name (``AntVelocity`` or ``ant``)."""
+    for registry_name, task in VELOCITY_TASKS.items():
+        if name in (registry_name, task.brax_name):
+            return registry_name, task
+    return None
 
 
 def frame_speeds(positions: jax.Array, frame_dt: float, planar: bool) -> jax.Array:
@@ -68,14 +74,21 @@ def velocity_cost(speeds: jax.Array, threshold: float) -> jax.Array:
     return jnp.sum((speeds > threshold).astype(jnp.float32))
 
 
+def _with_type_of(new, old):
+    """``new`` (an array or a Python number) with the strong dtype of ``old`` where that is an array."""
+    if isinstance(old, jax.Array):
+        return jnp.asarray(new, old.dtype)
+    return new
+
+
 class VelocityEnv(Env):
     """A Brax locomotion task with a per-frame speed cost; unbatched, no time limit."""
 
     def __init__(self, name: str, backend: str | None = None, threshold: float | None = None,
                  episode_length: int = 1000, **brax_kwargs):
-        task = VELOCITY_TASKS.get(name) or next((t for t in VELOCITY_TASKS.values() if t.brax_name == name), None)
-        require(task is not None, "env", f"unknown velocity task {name!r}; known: {sorted(VELOCITY_TASKS)}")
-        require(not task.unavailable, "env", f"{name} is unavailable: {task.unavailable}")
+        found = find_task(name)
+        require(found is not None, "env", f"unknown velocity task {name!r}; known: {sorted(VELOCITY_TASKS)}")
+        _, task = found
         self.task = task
         self.backend = backend or task.backend
         require(self.backend in BRAX_BACKENDS, "backend", f"must be one of {BRAX_BACKENDS}, got {self.backend!r}")
@@ -83,6 +96,7 @@ class VelocityEnv(Env):
         require(self.threshold > 0, "threshold", f"must be positive, got {self.threshold}")
         require(episode_length > 0, "episode_length", f"must be positive, got {episode_length}")
         self._episode_length = int(episode_length)
+        brax_compat.install()  # fluid drag (the swimmer's viscosity) calls a jnp.clip keyword newer JAX lacks
         self.brax_env = brax_envs.get_environment(task.brax_name, backend=self.backend, **brax_kwargs)
         self.n_frames = int(self.brax_env._n_frames)
         self.frame_dt = float(self.brax_env.sys.opt.timestep)
@@ -124,7 +138,11 @@ class VelocityEnv(Env):
         # reward, observation and termination are exactly Brax's without simulating twice.
         replay = copy.copy(self.brax_env)
         replay.pipeline_step = lambda pipeline_state, action: final
-        brax_next = replay.step(brax_state, action)
+        # Brax's step updates the metrics dict of the state it is given in place: hand it a copy.
+        brax_next = replay.step(brax_state.replace(metrics=dict(brax_state.metrics)), action)
+        # Some Brax tasks return weakly typed ``done`` / metrics from step but not from reset; keeping
+        # the reset's types keeps the state's type fixed, so a jitted loop over it compiles once.
+        brax_next = jax.tree.map(_with_type_of, brax_next, brax_state)
         speeds = frame_speeds(positions, self.frame_dt, self.task.planar)
         return state.replace(
             obs=brax_next.obs,

@@ -67,7 +67,16 @@ def test_bad_arguments():
         VelocityEnv("HalfCheetahVelocity", backend="bullet")
     with pytest.raises(ConfigError, match="threshold"):
         VelocityEnv("HalfCheetahVelocity", threshold=-1.0)
-    with pytest.raises(ConfigError, match="unavailable"):
-        VelocityEnv("SwimmerVelocity")
     with pytest.raises(ConfigError, match="known"):
         VelocityEnv("Centipede")
+
+
+@pytest.mark.parametrize("name", ["HopperVelocity", "AntVelocity"])
+def test_step_keeps_the_state_type(name):
+    """Brax returns some weakly typed values from step; a type change would recompile a jitted loop."""
+    env = VelocityEnv(name)
+    state = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
+    stepped = jax.eval_shape(env.step, state, jax.ShapeDtypeStruct((env.action_size,), jnp.float32))
+    assert jax.tree.structure(stepped) == jax.tree.structure(state)
+    for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(stepped)):
+        assert (before.shape, before.dtype, before.weak_type) == (after.shape, after.dtype, after.weak_type)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -113,6 +114,9 @@ class Config:
         require(self.num_steps % self.steps_per_chunk == 0, "num_steps",
                 f"must be a multiple of steps_per_chunk={self.steps_per_chunk}, got {self.num_steps}")
         require(self.shaping_multiplier >= 0, "shaping_multiplier", f"must be >= 0, got {self.shaping_multiplier}")
+        require(math.isfinite(self.cost_limit), "cost_limit", f"must be finite, got {self.cost_limit}")
+        require(self.train_cost_limit is None or math.isfinite(self.train_cost_limit), "train_cost_limit",
+                f"must be finite, got {self.train_cost_limit}")
         require(self.eval_temperature >= 0, "eval_temperature", f"must be >= 0, got {self.eval_temperature}")
         batch = self.prompts_per_step * self.responses_per_prompt
         require(batch % self.ppo.num_minibatches == 0, "ppo.num_minibatches",

@@ -114,3 +114,5 @@ def test_training_limit_can_sit_below_the_reported_limit():
     assert gate.tolist() == [1.0, 1.0, 0.0, 0.0]
     assert rlhf_pipeline.cost_signal("repo", rlhf_pipeline.Config()).gate(group_costs, group_ids).tolist() == [0.0] * 4
     assert rlhf_pipeline.cost_signal("safe_rlhf", config).limit == -0.5
+    with pytest.raises(ConfigError, match="train_cost_limit"):
+        rlhf_pipeline.Config(train_cost_limit=float("nan"))

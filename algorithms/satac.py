@@ -392,13 +392,20 @@ def _critic_step(learner: Learner, state: SATACState, batch: TransitionBatch, po
     ), metrics
 
 
+def _adam_step(learner: Learner, state: SATACState, param: str, optimizer: str, grads: Any,
+               warm: bool) -> SATACState:
+    """One Adam step on ``state.<param>``: the warm start's fast Adam (moments in
+    ``warmup_<optimizer>_optimizer``) or the adversarial phase's slow one (``<optimizer>_optimizer``)."""
+    transformation = learner.warmup_optimizer if warm else getattr(learner, f"{optimizer}_optimizer")
+    slot = f"warmup_{optimizer}_optimizer" if warm else f"{optimizer}_optimizer"
+    params = getattr(state, param)
+    updates, optimizer_state = transformation.update(grads, getattr(state, slot), params)
+    return state.replace(**{param: optax.apply_updates(params, updates), slot: optimizer_state})
+
+
 def _alpha_step(learner: Learner, state: SATACState, log_probs: jax.Array, warm: bool) -> SATACState:
     grad = jax.grad(alpha_loss)(state.log_alpha, log_probs, learner.target_entropy)
-    if warm:
-        updates, optimizer = learner.warmup_optimizer.update(grad, state.warmup_alpha_optimizer, state.log_alpha)
-        return state.replace(log_alpha=optax.apply_updates(state.log_alpha, updates), warmup_alpha_optimizer=optimizer)
-    updates, optimizer = learner.alpha_optimizer.update(grad, state.alpha_optimizer, state.log_alpha)
-    return state.replace(log_alpha=optax.apply_updates(state.log_alpha, updates), alpha_optimizer=optimizer)
+    return _adam_step(learner, state, "log_alpha", "alpha", grad, warm)
 
 
 def reference_cost(learner: Learner, state: SATACState, batch: TransitionBatch) -> jax.Array:
@@ -439,11 +446,7 @@ def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key
         return actor_loss(q_reward, log_probs, alpha, penalty, multiplier), metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.actor)
-    if warm:
-        updates, optimizer = learner.warmup_optimizer.update(grads, state.warmup_actor_optimizer, state.actor)
-        return state.replace(actor=optax.apply_updates(state.actor, updates), warmup_actor_optimizer=optimizer), metrics
-    updates, optimizer = learner.actor_optimizer.update(grads, state.actor_optimizer, state.actor)
-    return state.replace(actor=optax.apply_updates(state.actor, updates), actor_optimizer=optimizer), metrics
+    return _adam_step(learner, state, "actor", "actor", grads, warm), metrics
 
 
 def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax.Array,

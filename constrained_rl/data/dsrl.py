@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from constrained_rl import returns
 from constrained_rl.config import ConfigError
 
 MATRIX_KEYS = ("observations", "next_observations", "actions")  # rank 2: [N, dim]
@@ -261,31 +262,25 @@ def with_returns_to_go(dataset: OfflineDataset, gamma: float) -> OfflineDataset:
     so ``G_t + tail_discount_t * V(s_{end+1})`` is a Monte-Carlo estimate of the behaviour's
     ``Q(s_t, a_t)`` that bootstraps past a time-limit cut (the targets of the value pretraining in
     lightATAC's behaviour pretraining, Cheng et al. 2022). Rows after the last flagged row form an
-    episode cut at the end of the data, bootstrapped the same way.
+    episode cut at the end of the data, bootstrapped the same way. Computed with
+    :func:`constrained_rl.returns.discounted_returns`, the episode ends cutting the recurrence.
     """
-    rewards, costs = np.asarray(dataset.rewards, np.float64), np.asarray(dataset.costs, np.float64)
     terminals = np.asarray(dataset.terminals) > 0
-    n = rewards.shape[0]
     done = terminals | (np.asarray(dataset.timeouts) > 0)
     done[-1] = True
-    reward_returns, cost_returns = np.zeros(n), np.zeros(n)
-    tail_rows, tail_discounts = np.zeros(n, np.int32), np.zeros(n)
-    reward_acc = cost_acc = discount_acc = 0.0
-    tail = n - 1
-    for t in range(n - 1, -1, -1):  # one backward pass; episodes restart at every flagged row
-        if done[t]:
-            tail, reward_acc, cost_acc = t, 0.0, 0.0
-            discount_acc = 0.0 if terminals[t] else 1.0
-        reward_acc = rewards[t] + gamma * reward_acc
-        cost_acc = costs[t] + gamma * cost_acc
-        discount_acc = gamma * discount_acc
-        reward_returns[t], cost_returns[t] = reward_acc, cost_acc
-        tail_rows[t], tail_discounts[t] = tail, discount_acc
+    ends = np.flatnonzero(done)
+    tail_rows = ends[np.searchsorted(ends, np.arange(done.shape[0]))]  # the first episode end at or after t
+    # One backward recurrence X_t = input_t + gamma (1 - done_t) X_{t+1} over three columns: the reward
+    # and cost returns, and the tail discount, whose input gamma (1 - terminal_t) enters at the last row.
+    inputs = jnp.stack([dataset.rewards, dataset.costs,
+                        jnp.asarray(done & ~terminals, jnp.float32) * gamma], axis=1)
+    discounts = jnp.asarray(gamma * (1.0 - done), jnp.float32)[:, None].repeat(3, axis=1)
+    columns = returns.discounted_returns(inputs, discounts, jnp.zeros(3, jnp.float32))
     return dataset.replace(returns=ReturnsToGo(
-        reward_returns=jnp.asarray(reward_returns, jnp.float32),
-        cost_returns=jnp.asarray(cost_returns, jnp.float32),
-        tail_rows=jnp.asarray(tail_rows),
-        tail_discounts=jnp.asarray(tail_discounts, jnp.float32),
+        reward_returns=columns[:, 0],
+        cost_returns=columns[:, 1],
+        tail_rows=jnp.asarray(tail_rows, jnp.int32),
+        tail_discounts=columns[:, 2],
     ))
 
 

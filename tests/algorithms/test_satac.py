@@ -239,8 +239,8 @@ def test_returns_warm_start_regresses_on_bootstrapped_returns():
     tail_cost = jnp.max(nets.cost_critic.apply(state.cost_target, batch.returns.tail_observations, tail_actions), 0)
     # Every transition is terminal here, so the returns are the one-step signals and nothing bootstraps.
     np.testing.assert_allclose(batch.returns.tail_discounts, 0.0)
-    np.testing.assert_allclose(reward_target, batch.rewards + 0.0 * tail_reward, rtol=1e-6)
-    np.testing.assert_allclose(cost_target, batch.costs + 0.0 * tail_cost, rtol=1e-6)
+    np.testing.assert_allclose(reward_target, batch.rewards, rtol=1e-6)
+    np.testing.assert_allclose(cost_target, batch.costs, rtol=1e-6)
     # A timeout bootstraps: G + tail_discount * min_e Q_target(s_tail, a_tail).
     cut = batch._replace(returns=batch.returns._replace(tail_discounts=jnp.full((64,), 0.25)))
     reward_target, cost_target = satac._critic_targets(learner, state, cut, batch.actions, tail_actions)

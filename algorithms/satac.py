@@ -69,6 +69,8 @@ class Config(offline.OfflineConfig):
     pid_ki: float = 0.003  # PID integral gain (OSRL BCQ-Lag)
     pid_kd: float = 0.001  # PID derivative gain (OSRL BCQ-Lag)
     beta: float = 4.0  # Bellman weight of both critics (ATAC: 1 to 16)
+    reward_scale: float = 1.0  # rewards are multiplied by this before any loss sees them (ATAC: 1; OSRL: 0.1)
+    cost_scale: float = 1.0  # costs (and the per-step threshold) are multiplied by this
     hidden_sizes: tuple[int, ...] = (256, 256, 256)  # actor and critic MLP widths (ATAC: 3 x 256)
     actor_learning_rate: float = 5e-7  # Adam, actor: the slow timescale (ATAC)
     critic_learning_rate: float = 5e-4  # Adam, both critics: the fast timescale (ATAC)
@@ -96,7 +98,8 @@ class Config(offline.OfflineConfig):
         require(self.multiplier_rule in ("fixed", "ascent", "pid"), "multiplier_rule",
                 f"must be fixed, ascent or pid (got {self.multiplier_rule!r})")
         for name in ("actor_learning_rate", "critic_learning_rate", "alpha_learning_rate", "init_alpha",
-                     "critic_norm", "multiplier_lr", "multiplier_max", "reference_learning_rate"):
+                     "critic_norm", "multiplier_lr", "multiplier_max", "reference_learning_rate",
+                     "reward_scale", "cost_scale"):
             value = getattr(self, name)
             require(value > 0, name, f"must be > 0 (got {value})")
         for name in ("beta", "pid_kp", "pid_ki", "pid_kd"):
@@ -302,7 +305,9 @@ def project_ensemble(params: Params, max_norm: float) -> Params:
 
 
 def cost_threshold(learner: Learner, state: SATACState) -> jax.Array:
-    return per_step_cost_threshold(state.cost_limit, learner.config.discount, learner.problem.episode_length)
+    config = learner.config
+    return config.cost_scale * per_step_cost_threshold(state.cost_limit, config.discount,
+                                                       learner.problem.episode_length)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,6 +462,8 @@ def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax
     The actor's sampled actions use the same noise in the critic step (as ``sg(pi(s))``) and in the
     actor step, as ATAC draws them once.
     """
+    # The critics, and so the actor's objective, see the scaled signals.
+    batch = batch.scaled(learner.config.reward_scale, learner.config.cost_scale)
     policy_key, next_key, tail_key = jax.random.split(key, 3)
     policy_actions, log_probs = _sample_actions(learner, state.actor, batch.observations, policy_key)
     next_actions, _ = _sample_actions(learner, state.actor, batch.next_observations, next_key)

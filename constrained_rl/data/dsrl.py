@@ -103,6 +103,18 @@ class TransitionBatch(NamedTuple):
         """
         return gamma * (1.0 - self.terminals)
 
+    def scaled(self, reward_scale: float, cost_scale: float) -> "TransitionBatch":
+        """Rewards and costs (and their returns-to-go) multiplied by constant scales.
+
+        OSRL's Q-learners train on ``0.1 * r``: a value scale changes how a quadratic Bellman error
+        weighs against the linear terms of a loss (relative pessimism, a cost penalty).
+        """
+        returns = self.returns
+        if returns is not None:
+            returns = returns._replace(reward_returns=reward_scale * returns.reward_returns,
+                                       cost_returns=cost_scale * returns.cost_returns)
+        return self._replace(rewards=reward_scale * self.rewards, costs=cost_scale * self.costs, returns=returns)
+
 
 @struct.dataclass
 class ReturnsToGo:

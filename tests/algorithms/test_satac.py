@@ -116,6 +116,8 @@ def test_config_refuses_bad_values():
         satac.Config(warmup_updates=150, updates_per_chunk=100, num_updates=100)
     with pytest.raises(ConfigError, match="tau"):
         satac.Config(tau=0.0)
+    with pytest.raises(ConfigError, match="reward_scale"):
+        satac.Config(reward_scale=0.0)
 
 
 def test_atac_is_satac_without_cost_and_registered():
@@ -274,3 +276,22 @@ def test_actor_can_enter_the_warm_start_as_the_reference():
     chex.assert_trees_all_equal(unchanged.actor, state.actor)
     with pytest.raises(ConfigError, match="actor_from_reference"):
         satac.Config(reference="threshold", actor_from_reference=True)
+
+
+def test_signal_scales_act_as_scaled_data():
+    """``reward_scale`` and ``cost_scale`` give the update of an unscaled learner on scaled data,
+    with the per-step threshold scaled alike."""
+    scales = dict(reward_scale=0.1, cost_scale=3.0, reference="threshold", multiplier_rule="pid",
+                  critic_warmup="returns")
+    scaled_learner, state, batch, scaled_update = _warm_learner(**scales)
+    plain_learner, _, _, plain_update = _warm_learner(**{**scales, "reward_scale": 1.0, "cost_scale": 1.0})
+    scaled_batch = batch.scaled(0.1, 3.0)
+    np.testing.assert_allclose(satac.cost_threshold(scaled_learner, state),
+                               3.0 * satac.cost_threshold(plain_learner, state), rtol=1e-6)
+    # The threshold is linear in kappa: the unscaled learner holds three times the limit.
+    plain_state = state.replace(cost_limit=3.0 * state.cost_limit)
+    for warm in (True, False):
+        a, metrics_a = scaled_update(state, batch, jax.random.PRNGKey(3), warm=warm)
+        b, metrics_b = plain_update(plain_state, scaled_batch, jax.random.PRNGKey(3), warm=warm)
+        chex.assert_trees_all_close(a.replace(cost_limit=b.cost_limit), b, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(metrics_a, metrics_b, rtol=1e-5, atol=1e-6)

@@ -319,3 +319,17 @@ def test_returns_to_go_by_hand():
     np.testing.assert_allclose(batch.returns.tail_discounts, [0.125, 0.0])
     assert take_transitions(offline_dataset_from_arrays(make_arrays()),
                                  jnp.array([0])).returns is None
+
+
+def test_scaled_batch_scales_signals_and_their_returns_only():
+    dataset = with_returns_to_go(offline_dataset_from_arrays(make_arrays()), 0.5)
+    batch = take_transitions(dataset, jnp.array([4, 0]))
+    scaled = jax.jit(lambda b: b.scaled(0.1, 2.0))(batch)
+    np.testing.assert_allclose(scaled.rewards, 0.1 * batch.rewards, rtol=1e-6)
+    np.testing.assert_allclose(scaled.costs, 2.0 * batch.costs, rtol=1e-6)
+    np.testing.assert_allclose(scaled.returns.reward_returns, 0.1 * batch.returns.reward_returns, rtol=1e-6)
+    np.testing.assert_allclose(scaled.returns.cost_returns, 2.0 * batch.returns.cost_returns, rtol=1e-6)
+    # Bootstrapping weights and states are not signals: unchanged.
+    np.testing.assert_array_equal(scaled.returns.tail_discounts, batch.returns.tail_discounts)
+    np.testing.assert_array_equal(scaled.observations, batch.observations)
+    assert take_transitions(offline_dataset_from_arrays(make_arrays()), jnp.array([0])).scaled(0.1, 1.0).returns is None

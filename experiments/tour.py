@@ -32,16 +32,15 @@ def _tour_collection() -> collect.Config:
 def _tour_offline() -> offline_benchmark.Config:
     # Demonstration sizes: 64-wide networks and a few thousand updates. SATAC takes the short-budget
     # settings of docs/results/offline_results.md: warm start on the safe episodes with critics fitted to
-    # the data's returns, lambda 10, and an actor slow enough (1e-7) that the unfitted critics cannot
-    # pull it out of its safe start.
+    # the data's returns, lambda 10, and rewards scaled by 0.1 so that the reward critic's values, in the
+    # thousands here, do not drown lambda's penalty in the actor's objective.
     small = dict(hidden_sizes=(64, 64), batch_size=256)
     return offline_benchmark.Config(
         task="BallCircle", methods=("bc_safe", "satac"), cost_limits=(20.0,), num_seeds=2,
         eval_episodes=10, eval_every=0, updates_per_chunk=500, collect=_tour_collection(),
         bc_safe=bc.SafeConfig(**small, num_updates=3000),
         satac=satac.Config(**small, warmup_data="safe", critic_warmup="returns", cost_weight=10.0,
-                           actor_learning_rate=1e-7, reference_updates=2000, warmup_updates=2000,
-                           num_updates=2000))
+                           reward_scale=0.1, reference_updates=2000, warmup_updates=2000, num_updates=2000))
 
 
 def _tour_rlhf() -> rlhf_pipeline.Config:

@@ -268,15 +268,16 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         return state.apply_gradients(grads=grads), loss
 
     def update(state: LearnerState, batch: dsrl.TransitionBatch, key: jax.Array):
+        batch = batch.scaled(config.reward_scale, config.cost_scale)  # what every loss below sees
         vae_key, next_key, actor_key = jax.random.split(key, 3)
         vae_state, vae_loss_value = vae_step(networks.vae, state.vae, batch, config.kl_weight, vae_key)
 
         # N candidate next actions per next state, perturbed by the target actor (BCQ's target policy).
         repeated = jnp.repeat(batch.next_observations[:, None], config.num_sampled_actions, axis=1)
         next_candidates = act(state.target_actor, vae_state.params, repeated, next_key)
-        critic, critic_loss = critic_step(state.critic, batch, config.reward_scale * batch.rewards,
+        critic, critic_loss = critic_step(state.critic, batch, batch.rewards,
                                           state.target_critic, repeated, next_candidates)
-        cost_critic, cost_critic_loss = critic_step(state.cost_critic, batch, config.cost_scale * batch.costs,
+        cost_critic, cost_critic_loss = critic_step(state.cost_critic, batch, batch.costs,
                                                     state.target_cost_critic, repeated, next_candidates)
 
         def q_values(actor_params):

@@ -217,6 +217,7 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         return tiled, actions, ood_mask(vae.kl_to_standard_normal(mean, log_std), config.ood_quantile)
 
     def update(state: LearnerState, batch: dsrl.TransitionBatch, key: jax.Array):
+        batch = batch.scaled(config.reward_scale, config.cost_scale)  # what every loss below sees
         vae_key, next_key, ood_key, actor_key = jax.random.split(key, 4)
         vae_state, vae_loss_value = vae_step(networks.vae, state.vae, batch, config.kl_weight, vae_key)
         discounts = batch.discounts(config.discount)
@@ -227,7 +228,7 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         next_actions = sample_actions(state.actor.params, batch.next_observations, next_key)
         next_q_cost = min_q(state.target_cost_critic, batch.next_observations, next_actions)
         reward_target = constraints_penalized_target(
-            config.reward_scale * batch.rewards, discounts,
+            batch.rewards, discounts,
             min_q(state.target_critic, batch.next_observations, next_actions), next_q_cost, threshold)
 
         def critic_loss_fn(params):
@@ -238,7 +239,7 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         critic = state.critic.apply_gradients(grads=grads)
 
         # Cost critic: TD plus the alpha-weighted push upwards on OOD actions.
-        cost_target = critics.bellman_target(config.cost_scale * batch.costs, discounts, next_q_cost)
+        cost_target = critics.bellman_target(batch.costs, discounts, next_q_cost)
         tiled_obs, ood_actions, mask = ood_batch(state, vae_state.params, batch.observations, ood_key)
 
         def ood_value_of(params):

@@ -17,7 +17,8 @@ A Stackelberg game per update, the critics (followers) first, then the actor (le
 
       objective = mean[f_r(s, pi(s))] - lambda * mean[ f_c(s, pi(s)) - f_c(s, a_ref) ]^+
 
-  (ATAC reads the first reward head; the cost penalty reads the larger cost head), the
+  (ATAC reads the first reward head; the cost penalty reads the larger cost head, at the sampled
+  action or, with ``penalty_action = mode``, at the deterministic ``tanh(mean)``), the
   aggression-limited objective: the actor pays only where it looks costlier than the reference
   ``a_ref``: the dataset action (``behaviour``), a BC-Safe policy trained first on the episodes within
   the run's cost limit (``bc_safe``), or the absolute per-step threshold
@@ -53,6 +54,7 @@ Reference = Literal["behaviour", "bc_safe", "threshold"]
 MultiplierRuleName = Literal["fixed", "ascent", "pid"]
 WarmupData = Literal["all", "safe"]
 CriticWarmup = Literal["bellman", "returns"]
+PenaltyAction = Literal["sample", "mode"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Config(offline.OfflineConfig):
     use_cost_critic: bool = True  # SATAC; false gives ATAC (reward critic only, no cost penalty)
     reference: Reference = "bc_safe"  # a_ref of the actor penalty: behaviour, bc_safe or threshold
     cost_weight: float = 1.0  # lambda: the fixed penalty weight, or the initial one under a rule
+    penalty_action: PenaltyAction = "sample"  # the actor's action in the penalty: a sample of pi, or its mode
     multiplier_rule: MultiplierRuleName = "fixed"  # fixed (SATAC), ascent (projected SGD) or pid
     multiplier_lr: float = 0.01  # step size of the ascent rule
     multiplier_max: float = 100.0  # upper clamp of lambda under a rule
@@ -95,6 +98,8 @@ class Config(offline.OfflineConfig):
                 f"must be all or safe (got {self.warmup_data!r})")
         require(self.critic_warmup in ("bellman", "returns"), "critic_warmup",
                 f"must be bellman or returns (got {self.critic_warmup!r})")
+        require(self.penalty_action in ("sample", "mode"), "penalty_action",
+                f"must be sample or mode (got {self.penalty_action!r})")
         require(self.multiplier_rule in ("fixed", "ascent", "pid"), "multiplier_rule",
                 f"must be fixed, ascent or pid (got {self.multiplier_rule!r})")
         for name in ("actor_learning_rate", "critic_learning_rate", "alpha_learning_rate", "init_alpha",
@@ -445,7 +450,13 @@ def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key
         metrics["q_reward_policy"] = jnp.mean(q_reward)
         penalty = None
         if config.use_cost_critic:
-            q_cost = critics.double_q_max(nets.cost_critic.apply(state.cost_critic, batch.observations, actions))
+            penalty_actions = actions
+            if config.penalty_action == "mode":
+                # The deterministic action evaluation runs, compared like for like with the reference's.
+                mean, _ = nets.actor.apply(actor_params, batch.observations)
+                penalty_actions = distributions.tanh_gaussian_mode(mean)
+            q_cost = critics.double_q_max(nets.cost_critic.apply(state.cost_critic, batch.observations,
+                                                                 penalty_actions))
             penalty = critics.aggression_limited_penalty(q_cost, q_cost_reference)
             metrics.update(q_cost_policy=jnp.mean(q_cost), penalty=jnp.mean(penalty))
         return actor_loss(q_reward, log_probs, alpha, penalty, multiplier), metrics

@@ -8,8 +8,9 @@ dataset held in memory, as usual; ours are sampled on the device inside the ``la
 
     python -m benchmarks.satac_vs_torch [--updates 200] [--seeds 5] [--threads N]
 
-Prints updates/s of each, their ratio (target >= 2x), and the time of ``--seeds`` vmapped seeds
-relative to one (target <= 2.5x).
+Prints updates/s of each, their ratio (target >= 2x), the time of ``--seeds`` vmapped seeds relative
+to one (target <= 2.5x), and the arithmetic rate of both against one large matrix product's: vmapped
+seeds cost less than their count only where one seed leaves the hardware idle.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def make_dataset() -> dsrl.OfflineDataset:
 # JAX: the project's chunk
 
 
-def time_jax(num_seeds: int, updates: int, repeats: int) -> float:
-    """Seconds per chunk of ``updates`` updates of ``num_seeds`` vmapped runs (best of ``repeats``)."""
+def time_jax(num_seeds: int, updates: int, repeats: int) -> tuple[float, float]:
+    """Seconds per chunk of ``updates`` updates of ``num_seeds`` vmapped runs (best of ``repeats``), and
+    the floating-point operations of one such update of all the runs, as XLA counts them."""
     config = satac.Config(hidden_sizes=HIDDEN, batch_size=BATCH, cost_limits=(20.0,), num_seeds=num_seeds,
                           actor_learning_rate=1e-4)
     dataset = make_dataset()
@@ -54,6 +56,7 @@ def time_jax(num_seeds: int, updates: int, repeats: int) -> float:
     state = offline.init_runs(algorithm, offline.seed_keys(0, layout.seed_indices), layout.cost_limits)
     rows = offline.row_sets(dataset, "all", layout)
     chunk = offline.make_chunk(algorithm.phases[-1].update, BATCH, updates)
+    flops = compiled_flops(offline.make_chunk(algorithm.phases[-1].update, BATCH, 1), state, rows, dataset)
     state, _ = chunk(state, rows, dataset)  # compile
     jax.block_until_ready(state)
     best = float("inf")
@@ -62,7 +65,30 @@ def time_jax(num_seeds: int, updates: int, repeats: int) -> float:
         state, metrics = chunk(state, rows, dataset)
         jax.block_until_ready((state, metrics))
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, flops
+
+
+def compiled_flops(function, *args) -> float:
+    """XLA's operation count of ``function``'s compiled program (one update: a while loop's body is
+    counted once, whatever its trip count)."""
+    analysis = function.lower(*args).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax returns one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
+    """The CPU's attainable rate on one large float32 matrix product: the ceiling a compute-bound update
+    can approach."""
+    a = jax.random.normal(jax.random.key(0), (size, size))
+    product = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(product(a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(product(a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,8 +216,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch_seconds = time_torch(args.updates, args.repeats)
-    jax_seconds = time_jax(1, args.updates, args.repeats)
-    many_seconds = time_jax(args.seeds, args.updates, args.repeats)
+    jax_seconds, jax_flops = time_jax(1, args.updates, args.repeats)
+    many_seconds, many_flops = time_jax(args.seeds, args.updates, args.repeats)
+    ceiling = matmul_flops_per_second()
     print(f"device: {jax.devices()[0].platform}, torch threads: {torch.get_num_threads()}, batch {BATCH}, "
           f"MLPs {HIDDEN}, {args.updates} updates per timing, best of {args.repeats}")
     print(f"PyTorch loop:       {args.updates / torch_seconds:8.1f} updates/s")
@@ -199,6 +226,10 @@ def main() -> None:
     print(f"speed-up JAX / PyTorch: {torch_seconds / jax_seconds:.2f}x (target >= 2x)")
     print(f"{args.seeds} seeds vmapped: {args.seeds * args.updates / many_seconds:8.1f} run-updates/s; "
           f"time {many_seconds / jax_seconds:.2f}x one seed's (target <= 2.5x)")
+    # Vmapped seeds can cost less than their count only while one seed leaves the hardware idle.
+    for label, flops, seconds in (("1 seed", jax_flops, jax_seconds), (f"{args.seeds} seeds", many_flops, many_seconds)):
+        print(f"{label}: {flops / 1e9:.2f} GFLOP per update, {flops * args.updates / seconds / 1e9:.1f} GFLOP/s")
+    print(f"one 1024 x 1024 float32 matrix product: {ceiling / 1e9:.1f} GFLOP/s (the attainable ceiling)")
 
 
 if __name__ == "__main__":

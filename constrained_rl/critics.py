@@ -68,7 +68,7 @@ def double_q_min(q_ensemble: chex.Array) -> jax.Array:
 
 def double_q_max(q_ensemble: chex.Array) -> jax.Array:
     """``max_e Q_e`` over the leading ensemble axis ``[E, B] -> [B]``: the pessimistic target of a
-    *cost* critic, which over- rather than under-estimates (as the OSRL cost critics do)."""
+    *cost* critic, which over- rather than under-estimates the policy's cost."""
     chex.assert_rank(q_ensemble, {2, 3})
     return jnp.max(q_ensemble, axis=0)
 

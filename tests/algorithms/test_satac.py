@@ -295,3 +295,23 @@ def test_signal_scales_act_as_scaled_data():
         b, metrics_b = plain_update(plain_state, scaled_batch, jax.random.PRNGKey(3), warm=warm)
         chex.assert_trees_all_close(a.replace(cost_limit=b.cost_limit), b, rtol=1e-5, atol=1e-6)
         chex.assert_trees_all_close(metrics_a, metrics_b, rtol=1e-5, atol=1e-6)
+
+
+def test_mode_penalty_reads_the_cost_of_the_deterministic_action():
+    """``penalty_action = mode``: the penalty compares ``g(s, tanh(mean))``, the action evaluation
+    runs, with the reference's."""
+    learner, state, batch, _ = _warm_learner(penalty_action="mode", reference="behaviour")
+    nets = learner.networks
+    key = jax.random.PRNGKey(4)
+    _, metrics = satac._actor_step(learner, state, batch, key, jnp.float32(10.0), warm=False)
+    mean, _ = nets.actor.apply(state.actor, batch.observations)
+    mode_cost = jnp.max(nets.cost_critic.apply(state.cost_critic, batch.observations, jnp.tanh(mean)), 0)
+    reference = jnp.max(nets.cost_critic.apply(state.cost_critic, batch.observations, batch.actions), 0)
+    np.testing.assert_allclose(metrics["q_cost_policy"], jnp.mean(mode_cost), rtol=1e-5)
+    np.testing.assert_allclose(metrics["penalty"], jnp.mean(jnp.maximum(mode_cost - reference, 0.0)),
+                               rtol=1e-5, atol=1e-7)
+    sampled_learner, _, _, _ = _warm_learner(reference="behaviour")
+    _, sampled = satac._actor_step(sampled_learner, state, batch, key, jnp.float32(10.0), warm=False)
+    assert abs(float(sampled["q_cost_policy"] - metrics["q_cost_policy"])) > 1e-4  # samples differ from the mode
+    with pytest.raises(ConfigError, match="penalty_action"):
+        satac.Config(penalty_action="mean")

@@ -36,7 +36,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -125,6 +125,9 @@ class Config:
     coptidice: COptiDICEConfig | None = None  # COptiDICE hyperparameters; none: its defaults (OSRL)
     atac: ATACConfig | None = None  # ATAC hyperparameters; none: its defaults (ATAC)
     satac: SATACConfig | None = None  # SATAC hyperparameters; none: its defaults (docs/algorithms/satac.md)
+
+    # --help lists the shared settings once, at the top level, not again in every method's section.
+    help_omits: ClassVar[dict[str, tuple[str, ...]]] = {name: SHARED_FIELDS for name in METHODS}
 
     def __post_init__(self) -> None:
         require(len(self.methods) >= 1, "methods", "needs at least one method")

@@ -306,16 +306,25 @@ def field_comments(config_cls: type) -> dict[str, str]:
     return comments
 
 
-def describe_fields(config_cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
-    """``--key (type, default value): comment`` lines for every settable key, for ``--help``."""
+def describe_fields(config_cls: type, prefix: str = "", defaults: Any = None,
+                    omit: Sequence[str] = ()) -> list[str]:
+    """``--key (type, default value): comment`` lines for every settable key, for ``--help``.
+
+    A config class may name, in a class attribute ``help_omits`` (section -> field names), the fields
+    of its nested sections that are set at its own level instead (and refused inside the section).
+    """
     lines = []
     if defaults is None:
         defaults = _construct(config_cls)
     comments = field_comments(config_cls)
+    section_omits = getattr(config_cls, "help_omits", {})
     for name, tp in field_types(config_cls).items():
+        if name in omit:
+            continue
         nested = _optional_dataclass(tp)
         if nested is not None:
-            lines.extend(describe_fields(nested, f"{prefix}{name}.", getattr(defaults, name)))
+            lines.extend(describe_fields(nested, f"{prefix}{name}.", getattr(defaults, name),
+                                         section_omits.get(name, ())))
             continue
         default = getattr(defaults, name)
         comment = comments.get(name, "")

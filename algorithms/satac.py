@@ -439,7 +439,8 @@ def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key
     q_cost_reference = reference_cost(learner, state, batch) if config.use_cost_critic else None
 
     def loss_fn(actor_params):
-        actions, log_probs = _sample_actions(learner, actor_params, batch.observations, key)
+        mean, log_std = nets.actor.apply(actor_params, batch.observations)
+        actions, log_probs = distributions.tanh_gaussian_sample_and_log_prob(key, mean, log_std)
         metrics = {"entropy": -jnp.mean(log_probs)}
         if warm:
             log_likelihood = bc.log_likelihood(nets.actor, actor_params, batch.observations, batch.actions)
@@ -450,11 +451,8 @@ def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key
         metrics["q_reward_policy"] = jnp.mean(q_reward)
         penalty = None
         if config.use_cost_critic:
-            penalty_actions = actions
-            if config.penalty_action == "mode":
-                # The deterministic action evaluation runs, compared like for like with the reference's.
-                mean, _ = nets.actor.apply(actor_params, batch.observations)
-                penalty_actions = distributions.tanh_gaussian_mode(mean)
+            # mode: the deterministic action evaluation runs, compared like for like with the reference's.
+            penalty_actions = distributions.tanh_gaussian_mode(mean) if config.penalty_action == "mode" else actions
             q_cost = critics.double_q_max(nets.cost_critic.apply(state.cost_critic, batch.observations,
                                                                  penalty_actions))
             penalty = critics.aggression_limited_penalty(q_cost, q_cost_reference)

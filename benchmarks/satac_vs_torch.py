@@ -71,10 +71,7 @@ def time_jax(num_seeds: int, updates: int, repeats: int) -> tuple[float, float]:
 def compiled_flops(function, *args) -> float:
     """XLA's operation count of ``function``'s compiled program (one update: a while loop's body is
     counted once, whatever its trip count)."""
-    analysis = function.lower(*args).compile().cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax returns one dict per computation
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
+    return float(function.lower(*args).compile().cost_analysis()["flops"])
 
 
 def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
@@ -227,7 +224,8 @@ def main() -> None:
     print(f"{args.seeds} seeds vmapped: {args.seeds * args.updates / many_seconds:8.1f} run-updates/s; "
           f"time {many_seconds / jax_seconds:.2f}x one seed's (target <= 2.5x)")
     # Vmapped seeds can cost less than their count only while one seed leaves the hardware idle.
-    for label, flops, seconds in (("1 seed", jax_flops, jax_seconds), (f"{args.seeds} seeds", many_flops, many_seconds)):
+    runs = (("1 seed", jax_flops, jax_seconds), (f"{args.seeds} seeds", many_flops, many_seconds))
+    for label, flops, seconds in runs:
         print(f"{label}: {flops / 1e9:.2f} GFLOP per update, {flops * args.updates / seconds / 1e9:.1f} GFLOP/s")
     print(f"one 1024 x 1024 float32 matrix product: {ceiling / 1e9:.1f} GFLOP/s (the attainable ceiling)")
 

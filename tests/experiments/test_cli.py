@@ -23,7 +23,6 @@ def test_field_comments_fall_back_to_the_parent_class():
     assert comments["rate"] == "a larger step size"
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Section:
     seed: int = 0  # set at the top level

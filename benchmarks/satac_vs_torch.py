@@ -6,7 +6,7 @@ twin cost critics and a tanh-Gaussian actor, 3 x 256 ReLU MLPs, batch 256, Adam,
 the rectified cost penalty against a reference actor. PyTorch samples its minibatches from a
 dataset held in memory, as usual; ours are sampled on the device inside the ``lax.scan``.
 
-    python -m benchmarks.satac_vs_torch [--updates 200] [--seeds 5] [--threads N]
+    python -m benchmarks.satac_vs_torch [--updates 200] [--seeds 5] [--width 256] [--threads N]
 
 Prints updates/s of each, their ratio (target >= 2x), the time of ``--seeds`` vmapped seeds relative
 to one (target <= 2.5x), and the arithmetic rate of both against one large matrix product's: vmapped
@@ -27,7 +27,8 @@ from torch import nn
 from algorithms import offline, satac
 from constrained_rl.data import dsrl
 
-OBS, ACT, BATCH, HIDDEN, ROWS = 8, 2, 256, (256, 256, 256), 50_000
+OBS, ACT, BATCH, ROWS = 8, 2, 256, 50_000
+PROTOCOL_WIDTH = 256  # ATAC's 3 x 256 MLPs
 
 
 def make_dataset() -> dsrl.OfflineDataset:
@@ -45,10 +46,10 @@ def make_dataset() -> dsrl.OfflineDataset:
 # JAX: the project's chunk
 
 
-def time_jax(num_seeds: int, updates: int, repeats: int) -> tuple[float, float]:
+def time_jax(num_seeds: int, updates: int, repeats: int, hidden: tuple[int, ...]) -> tuple[float, float]:
     """Seconds per chunk of ``updates`` updates of ``num_seeds`` vmapped runs (best of ``repeats``), and
     the floating-point operations of one such update of all the runs, as XLA counts them."""
-    config = satac.Config(hidden_sizes=HIDDEN, batch_size=BATCH, cost_limits=(20.0,), num_seeds=num_seeds,
+    config = satac.Config(hidden_sizes=hidden, batch_size=BATCH, cost_limits=(20.0,), num_seeds=num_seeds,
                           actor_learning_rate=1e-4)
     dataset = make_dataset()
     algorithm = satac.make_algorithm(config, offline.Problem(OBS, ACT, 200))
@@ -92,18 +93,18 @@ def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
 # PyTorch: the same update, written plainly
 
 
-def mlp(inputs: int, outputs: int) -> nn.Sequential:
+def mlp(inputs: int, outputs: int, hidden: tuple[int, ...]) -> nn.Sequential:
     layers, width = [], inputs
-    for hidden in HIDDEN:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        width = size
     return nn.Sequential(*layers, nn.Linear(width, outputs))
 
 
 class TwinQ(nn.Module):
-    def __init__(self):
+    def __init__(self, hidden):
         super().__init__()
-        self.heads = nn.ModuleList([mlp(OBS + ACT, 1), mlp(OBS + ACT, 1)])
+        self.heads = nn.ModuleList([mlp(OBS + ACT, 1, hidden), mlp(OBS + ACT, 1, hidden)])
 
     def forward(self, obs, act):
         x = torch.cat([obs, act], -1)
@@ -124,10 +125,10 @@ def normalized_sum(loss, reg, w):
 
 
 class TorchSATAC:
-    def __init__(self, beta=4.0, lam=1.0, gamma=0.99, tau=5e-3):
-        self.actor, self.reference = mlp(OBS, 2 * ACT), mlp(OBS, 2 * ACT)
-        self.qr, self.qc = TwinQ(), TwinQ()
-        self.qr_target, self.qc_target = TwinQ(), TwinQ()
+    def __init__(self, hidden, beta=4.0, lam=1.0, gamma=0.99, tau=5e-3):
+        self.actor, self.reference = mlp(OBS, 2 * ACT, hidden), mlp(OBS, 2 * ACT, hidden)
+        self.qr, self.qc = TwinQ(hidden), TwinQ(hidden)
+        self.qr_target, self.qc_target = TwinQ(hidden), TwinQ(hidden)
         self.qr_target.load_state_dict(self.qr.state_dict())
         self.qc_target.load_state_dict(self.qc.state_dict())
         self.log_alpha = torch.zeros((), requires_grad=True)
@@ -181,11 +182,11 @@ class TorchSATAC:
         self.actor_opt.step()
 
 
-def time_torch(updates: int, repeats: int) -> float:
+def time_torch(updates: int, repeats: int, hidden: tuple[int, ...]) -> float:
     dataset = make_dataset()
     data = [torch.as_tensor(np.array(x)) for x in (dataset.observations, dataset.actions, dataset.rewards,
                                                      dataset.costs, dataset.next_observations, dataset.terminals)]
-    learner = TorchSATAC()
+    learner = TorchSATAC(hidden)
     generator = np.random.default_rng(0)
 
     def run(n):
@@ -207,17 +208,20 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=200, help="updates per timed chunk")
     parser.add_argument("--seeds", type=int, default=5, help="seeds vmapped in the scaling comparison")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (best kept)")
+    parser.add_argument("--width", type=int, default=PROTOCOL_WIDTH,
+                        help="units in each of the three hidden layers of every network (protocol: 256)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    torch_seconds = time_torch(args.updates, args.repeats)
-    jax_seconds, jax_flops = time_jax(1, args.updates, args.repeats)
-    many_seconds, many_flops = time_jax(args.seeds, args.updates, args.repeats)
+    hidden = (args.width,) * 3
+    torch_seconds = time_torch(args.updates, args.repeats, hidden)
+    jax_seconds, jax_flops = time_jax(1, args.updates, args.repeats, hidden)
+    many_seconds, many_flops = time_jax(args.seeds, args.updates, args.repeats, hidden)
     ceiling = matmul_flops_per_second()
     print(f"device: {jax.devices()[0].platform}, torch threads: {torch.get_num_threads()}, batch {BATCH}, "
-          f"MLPs {HIDDEN}, {args.updates} updates per timing, best of {args.repeats}")
+          f"MLPs {hidden}, {args.updates} updates per timing, best of {args.repeats}")
     print(f"PyTorch loop:       {args.updates / torch_seconds:8.1f} updates/s")
     print(f"JAX chunk (1 seed): {args.updates / jax_seconds:8.1f} updates/s")
     print(f"speed-up JAX / PyTorch: {torch_seconds / jax_seconds:.2f}x (target >= 2x)")

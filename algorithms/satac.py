@@ -7,7 +7,8 @@ A Stackelberg game per update, the critics (followers) first, then the actor (le
   relative pessimism ``pess_r = mean[f_r(s, pi(s)) - f_r(s, a)]``: the critic makes the policy look
   *less rewarding* than the data wherever the Bellman error allows;
 * **cost critic** ``f_c`` (twin Q), SATAC's: per head ``normalized_sum(-lambda * pess_c, bellman_c,
-  beta)``: the policy looks *costlier* than the data (pessimism about safety);
+  beta_c)``: the policy looks *costlier* than the data (pessimism about safety); ``beta_c = beta``
+  unless ``cost_beta`` sets it apart;
 * both Bellman errors are ATAC's mix ``0.5 * TD + 0.5 * residual``: the TD part regresses on
   ``r + gamma (1 - d) min_e f_r^target(s', a')`` (cost: ``c + gamma (1 - d) max_e f_c^target(s', a')``,
   pessimistic for safety), ``a' ~ pi(s')``; the residual part on ``r + gamma (1 - d) f(s', a')`` with the
@@ -72,6 +73,7 @@ class Config(offline.OfflineConfig):
     pid_ki: float = 0.003  # PID integral gain (OSRL BCQ-Lag)
     pid_kd: float = 0.001  # PID derivative gain (OSRL BCQ-Lag)
     beta: float = 4.0  # Bellman weight of both critics (ATAC: 1 to 16)
+    cost_beta: float | None = None  # Bellman weight of the cost critic alone; none: beta
     reward_scale: float = 1.0  # rewards are multiplied by this before any loss sees them (ATAC: 1; OSRL: 0.1)
     cost_scale: float = 1.0  # costs (and the per-step threshold) are multiplied by this
     hidden_sizes: tuple[int, ...] = (256, 256, 256)  # actor and critic MLP widths (ATAC: 3 x 256)
@@ -110,6 +112,7 @@ class Config(offline.OfflineConfig):
         for name in ("beta", "pid_kp", "pid_ki", "pid_kd"):
             value = getattr(self, name)
             require(value >= 0, name, f"must be >= 0 (got {value})")
+        require(self.cost_beta is None or self.cost_beta >= 0, "cost_beta", f"must be >= 0 (got {self.cost_beta})")
         require(0 <= self.cost_weight <= self.multiplier_max, "cost_weight",
                 f"must be in [0, multiplier_max={self.multiplier_max}] (got {self.cost_weight})")
         require(0 < self.tau <= 1, "tau", f"must be in (0, 1] (got {self.tau})")
@@ -120,6 +123,10 @@ class Config(offline.OfflineConfig):
                 "needs the BC-Safe reference (reference = bc_safe, with the cost critic on)")
         offline.require_whole_chunks(self, "warmup_updates")
         offline.require_whole_chunks(self, "reference_updates")
+
+    @property
+    def cost_critic_beta(self) -> float:
+        return self.beta if self.cost_beta is None else self.cost_beta
 
     @property
     def trains_reference(self) -> bool:
@@ -382,7 +389,7 @@ def _critic_step(learner: Learner, state: SATACState, batch: TransitionBatch, po
             return reward_loss, metrics
         c_data, c_policy, c_next = split(nets.cost_critic.apply(cost_params, observations, actions))
         cost_loss = critic_loss(c_data, c_policy, c_next, cost_td_target, batch.costs, discounts,
-                                config.beta, -multiplier, adversarial, td_weight)
+                                config.cost_critic_beta, -multiplier, adversarial, td_weight)
         metrics.update(cost_critic_loss=cost_loss, q_cost_data=jnp.mean(c_data),
                        cost_pessimism=jnp.mean(c_policy - c_data))
         return reward_loss + cost_loss, metrics

@@ -315,3 +315,20 @@ def test_mode_penalty_reads_the_cost_of_the_deterministic_action():
     assert abs(float(sampled["q_cost_policy"] - metrics["q_cost_policy"])) > 1e-4  # samples differ from the mode
     with pytest.raises(ConfigError, match="penalty_action"):
         satac.Config(penalty_action="mean")
+
+
+def test_cost_beta_sets_the_cost_critics_bellman_weight_alone():
+    """``cost_beta`` moves the cost critic as ``beta`` would and leaves the reward critic at ``beta``."""
+    _, state, batch, split_update = _warm_learner(beta=1.0, cost_beta=4.0)
+    _, _, _, reward_update = _warm_learner(beta=1.0)
+    _, _, _, cost_update = _warm_learner(beta=4.0)
+    key = jax.random.PRNGKey(5)
+    split, _ = split_update(state, batch, key)
+    as_reward, _ = reward_update(state, batch, key)
+    as_cost, _ = cost_update(state, batch, key)
+    chex.assert_trees_all_close(split.reward_critic, as_reward.reward_critic, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(split.cost_critic, as_cost.cost_critic, rtol=1e-6, atol=1e-7)
+    moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), as_reward.cost_critic, as_cost.cost_critic)
+    assert max(jax.tree.leaves(moved)) > 1e-5  # the two betas do give different cost critics
+    with pytest.raises(ConfigError, match="cost_beta"):
+        satac.Config(cost_beta=-1.0)

@@ -42,6 +42,16 @@ def test_safe_rows_by_hand(tiny):
         offline.row_sets(costlier, "safe", offline.run_layout((1.5,), 1))
 
 
+def test_safe_fraction_keeps_the_episodes_within_a_share_of_the_limit(tiny):
+    # Cost returns 1, 6 and 0: half of kappa = 2 keeps the rows kappa = 1 keeps.
+    layout = offline.run_layout((2.0,), num_seeds=1)
+    halved = offline.row_sets(tiny, "safe", layout, safe_fraction=0.5)
+    chex.assert_trees_all_equal(halved, offline.row_sets(tiny, "safe", offline.run_layout((1.0,), 1)))
+    assert int(offline.row_sets(tiny, "safe", layout).count[0]) == 5
+    with pytest.raises(ConfigError, match=r"no episode has cost return <= 0.5 \(0.25 x 2\); the lowest is 2"):
+        offline.row_sets(tiny.replace(costs=tiny.costs + 1.0), "safe", layout, safe_fraction=0.25)
+
+
 def test_sampling_stays_in_the_run_rows(tiny):
     rows = offline.row_sets(tiny, "safe", offline.run_layout((1.0,), 1))
     one = jax.tree.map(lambda x: x[0], rows)

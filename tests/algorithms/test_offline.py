@@ -52,6 +52,26 @@ def test_safe_fraction_keeps_the_episodes_within_a_share_of_the_limit(tiny):
         offline.row_sets(tiny.replace(costs=tiny.costs + 1.0), "safe", layout, safe_fraction=0.25)
 
 
+def test_training_samples_a_phase_s_share_of_the_safe_episodes(tiny, tmp_path):
+    # train reads each phase's safe_fraction. Cost returns 1, 6 and 0: BC-Safe with half of kappa = 6
+    # keeps the episodes kappa = 1 keeps, and all of them at the full 6.
+    config = bc.SafeConfig(task="BallCircle", num_seeds=1, hidden_sizes=(8,), batch_size=4, num_updates=20,
+                           updates_per_chunk=20, eval_every=0)
+    algorithm = bc.make_algorithm(config, offline.Problem(3, 2, 10))
+
+    def trained(limit: float, fraction: float):
+        phases = tuple(p._replace(safe_fraction=fraction) for p in algorithm.phases)
+        layout = offline.run_layout((limit,), num_seeds=1)
+        session = offline.Session(tiny, layout, (limit,), algorithm._replace(phases=phases), None, None)
+        ctx = RunContext(tmp_path / f"{limit}-{fraction}", progress=False)
+        return offline.train(config, ctx, session).learner
+
+    halved = trained(6.0, 0.5)
+    chex.assert_trees_all_equal(halved, trained(1.0, 1.0))
+    assert not np.allclose(halved.actor["params"]["MLP_0"]["Dense_0"]["kernel"],
+                           trained(6.0, 1.0).actor["params"]["MLP_0"]["Dense_0"]["kernel"])
+
+
 def test_sampling_stays_in_the_run_rows(tiny):
     rows = offline.row_sets(tiny, "safe", offline.run_layout((1.0,), 1))
     one = jax.tree.map(lambda x: x[0], rows)

@@ -137,10 +137,16 @@ def test_warm_start_can_clone_only_the_safe_episodes():
     safe = satac.make_algorithm(satac.Config(reference="behaviour", warmup_data="safe"), problem)
     assert {p.name: p.rows for p in default.phases}["warmup"] == "all"
     assert {p.name: p.rows for p in safe.phases}["warmup"] == "safe"
+    # The margin reaches the reference's and the warm start's rows, not the adversarial phase's.
+    halved = satac.make_algorithm(satac.Config(warmup_data="safe", safe_fraction=0.5), problem)
+    assert [(p.rows, p.safe_fraction) for p in halved.phases] == [("safe", 0.5), ("safe", 0.5), ("all", 1.0)]
     # Safe warm-start data depends on kappa, so each limit needs its own runs.
     assert safe.uses_cost_limit and satac.Config(warmup_data="safe", use_cost_critic=False).uses_cost_limit
     with pytest.raises(ConfigError, match="warmup_data"):
         satac.Config(warmup_data="unsafe")
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="safe_fraction"):
+            satac.Config(safe_fraction=bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,13 +338,3 @@ def test_cost_beta_sets_the_cost_critics_bellman_weight_alone():
     assert max(jax.tree.leaves(moved)) > 1e-5  # the two betas do give different cost critics
     with pytest.raises(ConfigError, match="cost_beta"):
         satac.Config(cost_beta=-1.0)
-
-
-def test_safe_fraction_reaches_the_reference_and_the_warm_start():
-    config = satac.Config(hidden_sizes=(8,), warmup_data="safe", safe_fraction=0.5, warmup_updates=10,
-                          reference_updates=10, num_updates=10)
-    phases = satac.make_algorithm(config, offline.Problem(5, 2, 10)).phases
-    assert [(p.rows, p.safe_fraction) for p in phases] == [("safe", 0.5), ("safe", 0.5), ("all", 1.0)]
-    for bad in (0.0, 1.5):
-        with pytest.raises(ConfigError, match="safe_fraction"):
-            satac.Config(safe_fraction=bad)

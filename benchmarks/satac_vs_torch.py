@@ -7,6 +7,9 @@ the rectified cost penalty against a reference actor. PyTorch samples its miniba
 dataset held in memory, as usual; ours are sampled on the device inside the ``lax.scan``.
 
     python -m benchmarks.satac_vs_torch [--updates 200] [--seeds 5] [--width 256] [--threads N]
+                                        [--torch-device cpu|cuda]
+
+On a GPU both sides run there (PyTorch's index sampling too, so neither loop waits for the host).
 
 Prints updates/s of each, their ratio (target >= 2x), the time of ``--seeds`` vmapped seeds relative
 to one (target <= 2.5x), and the arithmetic rate of both against one large matrix product's: vmapped
@@ -125,13 +128,13 @@ def normalized_sum(loss, reg, w):
 
 
 class TorchSATAC:
-    def __init__(self, hidden, beta=4.0, lam=1.0, gamma=0.99, tau=5e-3):
-        self.actor, self.reference = mlp(OBS, 2 * ACT, hidden), mlp(OBS, 2 * ACT, hidden)
-        self.qr, self.qc = TwinQ(hidden), TwinQ(hidden)
-        self.qr_target, self.qc_target = TwinQ(hidden), TwinQ(hidden)
+    def __init__(self, hidden, device, beta=4.0, lam=1.0, gamma=0.99, tau=5e-3):
+        self.actor, self.reference = mlp(OBS, 2 * ACT, hidden).to(device), mlp(OBS, 2 * ACT, hidden).to(device)
+        self.qr, self.qc = TwinQ(hidden).to(device), TwinQ(hidden).to(device)
+        self.qr_target, self.qc_target = TwinQ(hidden).to(device), TwinQ(hidden).to(device)
         self.qr_target.load_state_dict(self.qr.state_dict())
         self.qc_target.load_state_dict(self.qc.state_dict())
-        self.log_alpha = torch.zeros((), requires_grad=True)
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=1e-4)
         self.critic_opt = torch.optim.Adam([*self.qr.parameters(), *self.qc.parameters()], lr=5e-4)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=5e-7)
@@ -182,17 +185,21 @@ class TorchSATAC:
         self.actor_opt.step()
 
 
-def time_torch(updates: int, repeats: int, hidden: tuple[int, ...]) -> float:
+def time_torch(updates: int, repeats: int, hidden: tuple[int, ...], device: str) -> float:
     dataset = make_dataset()
-    data = [torch.as_tensor(np.array(x)) for x in (dataset.observations, dataset.actions, dataset.rewards,
-                                                     dataset.costs, dataset.next_observations, dataset.terminals)]
-    learner = TorchSATAC(hidden)
-    generator = np.random.default_rng(0)
+    data = [torch.as_tensor(np.array(x), device=device)
+            for x in (dataset.observations, dataset.actions, dataset.rewards, dataset.costs,
+                      dataset.next_observations, dataset.terminals)]
+    learner = TorchSATAC(hidden, device)
+    generator = torch.Generator(device=device).manual_seed(0)
 
     def run(n):
+        # Indices drawn where the data lives: on a GPU the loop never waits for the host.
         for _ in range(n):
-            index = torch.as_tensor(generator.integers(0, ROWS, BATCH))
+            index = torch.randint(0, ROWS, (BATCH,), generator=generator, device=device)
             learner.update([x[index] for x in data])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     run(5)  # warm up the allocator
     best = float("inf")
@@ -211,28 +218,31 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=PROTOCOL_WIDTH,
                         help="units in each of the three hidden layers of every network (protocol: 256)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--torch-device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the PyTorch side runs (default: the GPU when torch sees one)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     hidden = (args.width,) * 3
-    torch_seconds = time_torch(args.updates, args.repeats, hidden)
+    print(f"JAX on {jax.devices()[0].device_kind}, PyTorch on {args.torch_device} "
+          f"({torch.get_num_threads()} threads), batch {BATCH}, MLPs {hidden}, "
+          f"{args.updates} updates per timing, best of {args.repeats}", flush=True)
+    # Each figure is printed as soon as it is measured: a run cut short still reports what it timed.
+    torch_seconds = time_torch(args.updates, args.repeats, hidden, args.torch_device)
+    print(f"PyTorch loop:       {args.updates / torch_seconds:8.1f} updates/s", flush=True)
     jax_seconds, jax_flops = time_jax(1, args.updates, args.repeats, hidden)
+    print(f"JAX chunk (1 seed): {args.updates / jax_seconds:8.1f} updates/s", flush=True)
+    print(f"speed-up JAX / PyTorch: {torch_seconds / jax_seconds:.2f}x (target >= 2x)", flush=True)
     many_seconds, many_flops = time_jax(args.seeds, args.updates, args.repeats, hidden)
-    ceiling = matmul_flops_per_second()
-    print(f"device: {jax.devices()[0].platform}, torch threads: {torch.get_num_threads()}, batch {BATCH}, "
-          f"MLPs {hidden}, {args.updates} updates per timing, best of {args.repeats}")
-    print(f"PyTorch loop:       {args.updates / torch_seconds:8.1f} updates/s")
-    print(f"JAX chunk (1 seed): {args.updates / jax_seconds:8.1f} updates/s")
-    print(f"speed-up JAX / PyTorch: {torch_seconds / jax_seconds:.2f}x (target >= 2x)")
     print(f"{args.seeds} seeds vmapped: {args.seeds * args.updates / many_seconds:8.1f} run-updates/s; "
-          f"time {many_seconds / jax_seconds:.2f}x one seed's (target <= 2.5x)")
+          f"time {many_seconds / jax_seconds:.2f}x one seed's (target <= 2.5x)", flush=True)
     # Vmapped seeds can cost less than their count only while one seed leaves the hardware idle.
     runs = (("1 seed", jax_flops, jax_seconds), (f"{args.seeds} seeds", many_flops, many_seconds))
     for label, flops, seconds in runs:
         print(f"{label}: {flops / 1e9:.2f} GFLOP per update, {flops * args.updates / seconds / 1e9:.1f} GFLOP/s")
+    ceiling = matmul_flops_per_second()
     print(f"one 1024 x 1024 float32 matrix product: {ceiling / 1e9:.1f} GFLOP/s (the attainable ceiling)")
-
 
 if __name__ == "__main__":
     main()

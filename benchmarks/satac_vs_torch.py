@@ -244,5 +244,6 @@ def main() -> None:
     ceiling = matmul_flops_per_second()
     print(f"one 1024 x 1024 float32 matrix product: {ceiling / 1e9:.1f} GFLOP/s (the attainable ceiling)")
 
+
 if __name__ == "__main__":
     main()

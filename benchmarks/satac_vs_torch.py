@@ -7,7 +7,10 @@ the rectified cost penalty against a reference actor. PyTorch samples its miniba
 dataset held in memory, as usual; ours are sampled on the device inside the ``lax.scan``.
 
     python -m benchmarks.satac_vs_torch [--updates 200] [--seeds 5] [--width 256] [--threads N]
-                                        [--torch-device cpu|cuda]
+                                        [--torch-device cpu|cuda] [--torch-compile]
+
+``--torch-compile`` also times the same PyTorch code with its losses, projection and Adam steps under
+``torch.compile`` (the peer that a user who compiles would write; the target is against the plain loop).
 
 On a GPU both sides run there (PyTorch's index sampling too, so neither loop waits for the host).
 
@@ -151,46 +154,67 @@ class TorchSATAC:
             total = total + normalized_sum(sign * (q_pi[e] - q_data[e]).mean(), bellman, self.beta)
         return total
 
-    def update(self, batch):
-        s, a, r, c, s2, d = batch
+    def critic_total(self, s, a, r, c, s2, d):
         disc = self.gamma * (1 - d)
         with torch.no_grad():
             a_pi, _ = sample_action(self.actor, s)
             a2, _ = sample_action(self.actor, s2)
-        loss = (self.critic_loss(self.qr, self.qr_target, r, disc, s, a, s2, a_pi, a2, lambda q: q.min(0).values, 1.0)
+        return (self.critic_loss(self.qr, self.qr_target, r, disc, s, a, s2, a_pi, a2, lambda q: q.min(0).values, 1.0)
                 + self.critic_loss(self.qc, self.qc_target, c, disc, s, a, s2, a_pi, a2, lambda q: q.max(0).values,
                                    -self.lam))
-        self.critic_opt.zero_grad()
-        loss.backward()
-        self.critic_opt.step()
-        with torch.no_grad():
-            for net, target in ((self.qr, self.qr_target), (self.qc, self.qc_target)):
-                for layer in net.modules():
-                    if isinstance(layer, nn.Linear):
-                        layer.weight.mul_(torch.clamp(100.0 / layer.weight.norm(), max=1.0))
-                for p, tp in zip(net.parameters(), target.parameters()):
-                    tp.mul_(1 - self.tau).add_(self.tau * p)
+
+    @torch.no_grad()
+    def project_and_track(self):
+        for net, target in ((self.qr, self.qr_target), (self.qc, self.qc_target)):
+            for layer in net.modules():
+                if isinstance(layer, nn.Linear):
+                    layer.weight.mul_(torch.clamp(100.0 / layer.weight.norm(), max=1.0))
+            for p, tp in zip(net.parameters(), target.parameters()):
+                tp.mul_(1 - self.tau).add_(self.tau * p)
+
+    def actor_objective(self, s):
         new_a, log_prob = sample_action(self.actor, s)
-        alpha_loss = self.log_alpha * (-log_prob.mean().detach() + ACT)
-        self.alpha_opt.zero_grad()
-        alpha_loss.backward()
-        self.alpha_opt.step()
         with torch.no_grad():
             ref_mean, _ = self.reference(s).chunk(2, -1)
             q_ref = self.qc(s, torch.tanh(ref_mean)).max(0).values
         objective = self.qr(s, new_a)[0].mean() - self.lam * torch.relu(self.qc(s, new_a).max(0).values - q_ref).mean()
+        return objective, log_prob
+
+    def compile(self):
+        """``torch.compile`` (TorchInductor) on the loss computations, the projection and the Adam steps;
+        the backward passes run as the compiled graphs' own backward."""
+        self.critic_total = torch.compile(self.critic_total)
+        self.project_and_track = torch.compile(self.project_and_track)
+        self.actor_objective = torch.compile(self.actor_objective)
+        for optimizer in (self.critic_opt, self.actor_opt):
+            optimizer.step = torch.compile(optimizer.step)
+
+    def update(self, batch):
+        s, a, r, c, s2, d = batch
+        loss = self.critic_total(s, a, r, c, s2, d)
+        self.critic_opt.zero_grad()
+        loss.backward()
+        self.critic_opt.step()
+        self.project_and_track()
+        objective, log_prob = self.actor_objective(s)
+        alpha_loss = self.log_alpha * (-log_prob.mean().detach() + ACT)
+        self.alpha_opt.zero_grad()
+        alpha_loss.backward()
+        self.alpha_opt.step()
         actor_loss = normalized_sum(-objective, log_prob.mean(), self.log_alpha.exp().detach())
         self.actor_opt.zero_grad()
         actor_loss.backward()
         self.actor_opt.step()
 
 
-def time_torch(updates: int, repeats: int, hidden: tuple[int, ...], device: str) -> float:
+def time_torch(updates: int, repeats: int, hidden: tuple[int, ...], device: str, compiled: bool = False) -> float:
     dataset = make_dataset()
     data = [torch.as_tensor(np.array(x), device=device)
             for x in (dataset.observations, dataset.actions, dataset.rewards, dataset.costs,
                       dataset.next_observations, dataset.terminals)]
     learner = TorchSATAC(hidden, device)
+    if compiled:
+        learner.compile()
     generator = torch.Generator(device=device).manual_seed(0)
 
     def run(n):
@@ -201,7 +225,7 @@ def time_torch(updates: int, repeats: int, hidden: tuple[int, ...], device: str)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    run(5)  # warm up the allocator
+    run(5)  # warm up the allocator (and compile)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -218,6 +242,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=PROTOCOL_WIDTH,
                         help="units in each of the three hidden layers of every network (protocol: 256)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="also time the PyTorch loop with its losses and Adam steps under torch.compile")
     parser.add_argument("--torch-device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the PyTorch side runs (default: the GPU when torch sees one)")
     args = parser.parse_args()
@@ -234,6 +260,10 @@ def main() -> None:
     jax_seconds, jax_flops = time_jax(1, args.updates, args.repeats, hidden)
     print(f"JAX chunk (1 seed): {args.updates / jax_seconds:8.1f} updates/s", flush=True)
     print(f"speed-up JAX / PyTorch: {torch_seconds / jax_seconds:.2f}x (target >= 2x)", flush=True)
+    if args.torch_compile:
+        compiled_seconds = time_torch(args.updates, args.repeats, hidden, args.torch_device, compiled=True)
+        print(f"PyTorch compiled:   {args.updates / compiled_seconds:8.1f} updates/s; "
+              f"JAX / compiled PyTorch: {compiled_seconds / jax_seconds:.2f}x", flush=True)
     many_seconds, many_flops = time_jax(args.seeds, args.updates, args.repeats, hidden)
     print(f"{args.seeds} seeds vmapped: {args.seeds * args.updates / many_seconds:8.1f} run-updates/s; "
           f"time {many_seconds / jax_seconds:.2f}x one seed's (target <= 2.5x)", flush=True)

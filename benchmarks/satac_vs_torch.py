@@ -9,8 +9,8 @@ dataset held in memory, as usual; ours are sampled on the device inside the ``la
     python -m benchmarks.satac_vs_torch [--updates 200] [--seeds 5] [--width 256] [--threads N]
                                         [--torch-device cpu|cuda] [--torch-compile]
 
-``--torch-compile`` also times the same PyTorch code with its losses, projection and Adam steps under
-``torch.compile`` (the peer that a user who compiles would write; the target is against the plain loop).
+``--torch-compile`` also times the same PyTorch code with its losses, projection and the critics' and
+actor's Adam steps under ``torch.compile`` (the peer that a user who compiles would write; the target is against the plain loop).
 
 On a GPU both sides run there (PyTorch's index sampling too, so neither loop waits for the host).
 
@@ -181,8 +181,9 @@ class TorchSATAC:
         return objective, log_prob
 
     def compile(self):
-        """``torch.compile`` (TorchInductor) on the loss computations, the projection and the Adam steps;
-        the backward passes run as the compiled graphs' own backward."""
+        """``torch.compile`` (TorchInductor) on the loss computations, the projection and Polyak step, and
+        the critics' and actor's Adam steps (alpha's one-parameter step stays eager); the backward passes
+        run as the compiled graphs' own backward."""
         self.critic_total = torch.compile(self.critic_total)
         self.project_and_track = torch.compile(self.project_and_track)
         self.actor_objective = torch.compile(self.actor_objective)
@@ -243,7 +244,7 @@ def main() -> None:
                         help="units in each of the three hidden layers of every network (protocol: 256)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--torch-compile", action="store_true",
-                        help="also time the PyTorch loop with its losses and Adam steps under torch.compile")
+                        help="also time the PyTorch loop with its losses, projection and Adam steps under torch.compile")
     parser.add_argument("--torch-device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the PyTorch side runs (default: the GPU when torch sees one)")
     args = parser.parse_args()

@@ -30,8 +30,10 @@ A Stackelberg game per update, the critics (followers) first, then the actor (le
 
 Warm start (ATAC's behaviour pretraining): the actor clones the data
 (``normalized_sum(-log pi(a|s), -entropy, alpha)``) and both critics minimise their Bellman errors only,
-everything at the fast (critic) learning rate. All losses come from :mod:`constrained_rl.critics`;
-every default and choice is listed with its source in docs/algorithms/satac.md.
+everything at the fast (critic) learning rate. An optional hold (``actor_hold_updates``) then trains the
+critics adversarially against the warm-started actor before it moves. All losses come from
+:mod:`constrained_rl.critics`; every default and choice is listed with its source in
+docs/algorithms/satac.md.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class Config(offline.OfflineConfig):
     actor_from_reference: bool = False  # bc_safe only: the actor enters the warm start as the BC-Safe reference
     reference_updates: int = 100_000  # BC-Safe reference updates before the warm start (bc_safe only)
     reference_learning_rate: float = 1e-3  # Adam step size of the BC-Safe reference (OSRL BC)
-    num_updates: int = 200_000  # adversarial updates after the warm start
+    actor_hold_updates: int = 0  # adversarial critic updates with the actor held, before it moves (ATAC: 0)
+    num_updates: int = 200_000  # adversarial updates after the warm start (and the hold)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,6 +128,7 @@ class Config(offline.OfflineConfig):
                 "needs the BC-Safe reference (reference = bc_safe, with the cost critic on)")
         offline.require_whole_chunks(self, "warmup_updates")
         offline.require_whole_chunks(self, "reference_updates")
+        offline.require_whole_chunks(self, "actor_hold_updates")
 
     @property
     def cost_critic_beta(self) -> float:
@@ -473,10 +477,12 @@ def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key
 
 
 def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax.Array,
-           warm: bool = False) -> tuple[SATACState, dict[str, jax.Array]]:
+           warm: bool = False, actor_moves: bool = True) -> tuple[SATACState, dict[str, jax.Array]]:
     """One SATAC (or ATAC) update of one run: critics, alpha, actor, then the multiplier.
 
     ``warm`` selects the warm start: Bellman-only critics, a cloning actor, the multiplier held.
+    ``actor_moves = False`` is the hold: the adversarial critic step alone (actor, alpha and
+    multiplier held), so the critics answer the warm-started policy before it moves.
     The actor's sampled actions use the same noise in the critic step (as ``sg(pi(s))``) and in the
     actor step, as ATAC draws them once.
     """
@@ -493,6 +499,8 @@ def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax
     state, critic_metrics = _critic_step(learner, state, batch, jax.lax.stop_gradient(policy_actions),
                                          jax.lax.stop_gradient(next_actions), multiplier, adversarial=not warm,
                                          tail_actions=tail_actions)
+    if not actor_moves:
+        return state, {**critic_metrics, "alpha": jnp.exp(state.log_alpha), "multiplier": multiplier}
     state = _alpha_step(learner, state, log_probs, warm)
     state, actor_metrics = _actor_step(learner, state, batch, policy_key, multiplier, warm)
     if learner.config.use_cost_critic and not warm:
@@ -519,7 +527,8 @@ def _reference_update(learner: Learner):
 
 
 def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorithm:
-    """Phases: the BC-Safe reference (bc_safe only), the warm start, then adversarial training."""
+    """Phases: the BC-Safe reference (bc_safe only), the warm start, the actor's hold (critics only,
+    adversarial; none by default), then adversarial training."""
     learner = make_learner(config, problem)
     phases = (
         offline.Phase("reference", _reference_update(learner),
@@ -527,6 +536,8 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
                       safe_fraction=config.safe_fraction),
         offline.Phase("warmup", lambda s, b, k: update(learner, s, b, k, warm=True), config.warmup_updates,
                       rows=config.warmup_data, safe_fraction=config.safe_fraction),
+        offline.Phase("hold", lambda s, b, k: update(learner, s, b, k, actor_moves=False),
+                      config.actor_hold_updates),
         offline.Phase("train", lambda s, b, k: update(learner, s, b, k), config.num_updates),
     )
     return offline.Algorithm(lambda key, limit: init_state(learner, key, limit), phases,

@@ -165,4 +165,4 @@ def test_stage_prefix_and_registry():
     problem = offline.Problem(8, 2, 200)
     algorithm = bench.with_stage_prefix(bench.METHODS["satac"].builder(None, None), "satac")(
         bench.method_config(bench.Config(preset="quick"), "satac"), problem)
-    assert [p.name for p in algorithm.phases] == ["satac_reference", "satac_warmup", "satac_train"]
+    assert [p.name for p in algorithm.phases] == ["satac_reference", "satac_warmup", "satac_hold", "satac_train"]

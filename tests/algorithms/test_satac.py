@@ -137,9 +137,10 @@ def test_warm_start_can_clone_only_the_safe_episodes():
     safe = satac.make_algorithm(satac.Config(reference="behaviour", warmup_data="safe"), problem)
     assert {p.name: p.rows for p in default.phases}["warmup"] == "all"
     assert {p.name: p.rows for p in safe.phases}["warmup"] == "safe"
-    # The margin reaches the reference's and the warm start's rows, not the adversarial phase's.
+    # The margin reaches the reference's and the warm start's rows, not the adversarial phases'.
     halved = satac.make_algorithm(satac.Config(warmup_data="safe", safe_fraction=0.5), problem)
-    assert [(p.rows, p.safe_fraction) for p in halved.phases] == [("safe", 0.5), ("safe", 0.5), ("all", 1.0)]
+    assert [(p.rows, p.safe_fraction) for p in halved.phases] == [
+        ("safe", 0.5), ("safe", 0.5), ("all", 1.0), ("all", 1.0)]
     # Safe warm-start data depends on kappa, so each limit needs its own runs.
     assert safe.uses_cost_limit and satac.Config(warmup_data="safe", use_cost_critic=False).uses_cost_limit
     with pytest.raises(ConfigError, match="warmup_data"):
@@ -215,8 +216,8 @@ def test_resume_through_the_loop_is_exact(session, trained, tmp_path):
 
 
 def _warm_learner(**overrides):
-    config = satac.Config(hidden_sizes=(16, 16), actor_learning_rate=1e-9, critic_learning_rate=1e-2,
-                          warmup_updates=0, reference_updates=0, **overrides)
+    config = satac.Config(**{**dict(hidden_sizes=(16, 16), actor_learning_rate=1e-9, critic_learning_rate=1e-2,
+                                    warmup_updates=0, reference_updates=0), **overrides})
     learner = satac.make_learner(config, offline.Problem(observation_size=5, action_size=2, episode_length=10))
     dataset = dsrl.with_returns_to_go(one_step_dataset(64), config.discount)
     batch = dsrl.take_transitions(dataset, jnp.arange(64))
@@ -338,3 +339,26 @@ def test_cost_beta_sets_the_cost_critics_bellman_weight_alone():
     assert max(jax.tree.leaves(moved)) > 1e-5  # the two betas do give different cost critics
     with pytest.raises(ConfigError, match="cost_beta"):
         satac.Config(cost_beta=-1.0)
+
+
+def test_hold_trains_the_critics_alone_as_the_adversarial_step_does():
+    """``actor_hold_updates``: the adversarial critic step of a full update, with the actor, alpha and
+    the multiplier held; a phase of its own between the warm start and the adversarial phase."""
+    learner, state, batch, full_update = _warm_learner(multiplier_rule="pid", actor_learning_rate=1e-3)
+    held_update = jax.jit(functools.partial(satac.update, learner, actor_moves=False))
+    key = jax.random.PRNGKey(6)
+    held, metrics = held_update(state, batch, key)
+    full, _ = full_update(state, batch, key)
+    chex.assert_trees_all_equal((held.reward_critic, held.cost_critic), (full.reward_critic, full.cost_critic))
+    chex.assert_trees_all_equal((held.actor, held.log_alpha, held.multiplier_state, held.actor_optimizer),
+                                (state.actor, state.log_alpha, state.multiplier_state, state.actor_optimizer))
+    moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), full.actor, state.actor)
+    assert max(jax.tree.leaves(moved)) > 1e-5  # the full update does move the actor
+    assert "cost_pessimism" in metrics and "penalty" not in metrics
+
+    problem = offline.Problem(observation_size=5, action_size=2, episode_length=10)
+    phases = satac.make_algorithm(satac.Config(actor_hold_updates=3000), problem).phases
+    assert [(p.name, p.num_updates) for p in phases[1:]] == [("warmup", 100_000), ("hold", 3000), ("train", 200_000)]
+    assert {p.name: p.num_updates for p in satac.make_algorithm(satac.Config(), problem).phases}["hold"] == 0
+    with pytest.raises(ConfigError, match="actor_hold_updates"):
+        satac.Config(actor_hold_updates=150, updates_per_chunk=100)

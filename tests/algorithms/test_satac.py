@@ -352,8 +352,10 @@ def test_hold_trains_the_critics_alone_as_the_adversarial_step_does():
     chex.assert_trees_all_equal((held.reward_critic, held.cost_critic), (full.reward_critic, full.cost_critic))
     chex.assert_trees_all_equal((held.actor, held.log_alpha, held.multiplier_state, held.actor_optimizer),
                                 (state.actor, state.log_alpha, state.multiplier_state, state.actor_optimizer))
-    moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), full.actor, state.actor)
-    assert max(jax.tree.leaves(moved)) > 1e-5  # the full update does move the actor
+    # The full update does move what the hold keeps, so the equalities above can fail.
+    moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), (full.actor, full.log_alpha, full.multiplier_state),
+                         (state.actor, state.log_alpha, state.multiplier_state))
+    assert all(max(jax.tree.leaves(part)) > 0 for part in moved) and max(jax.tree.leaves(moved[0])) > 1e-5
     assert "cost_pessimism" in metrics and "penalty" not in metrics
 
     problem = offline.Problem(observation_size=5, action_size=2, episode_length=10)

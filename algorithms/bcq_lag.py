@@ -46,7 +46,7 @@ from constrained_rl.models.mlp import MLP, QEnsemble
 
 @dataclasses.dataclass(frozen=True)
 class OSRLConfig(offline.OfflineConfig):
-    """What the OSRL baselines (BCQ-Lag, CPQ, COptiDICE) share, with OSRL's defaults."""
+    """What the OSRL baselines (BCQ-Lag, BEAR-Lag, CPQ, COptiDICE) share, with OSRL's defaults."""
 
     batch_size: int = 512  # transitions per update (OSRL)
     reward_scale: float = 0.1  # rewards are multiplied by this before any loss sees them (OSRL)
@@ -158,6 +158,40 @@ def lagrangian_actor_loss(q_reward: chex.Array, q_cost: chex.Array, multiplier: 
 # Learner
 
 
+def candidate_critic_step(critic: QEnsemble, state: TrainState, batch: dsrl.TransitionBatch, signal: jax.Array,
+                          target_params: Any, next_observations: jax.Array, next_candidates: jax.Array,
+                          target_mix: float, discount: float) -> tuple[TrainState, jax.Array]:
+    """One Adam step of a twin critic on ``sum_e mean_b (Q_e(s_b, a_b) - y_b)^2`` with BCQ's target
+    ``y = x + gamma (1 - d) max_j [m min_e Q_e,targ(s', a'_j) + (1 - m) max_e Q_e,targ(s', a'_j)]``
+    over ``N`` candidate next actions ``[B, N, A]`` (BCQ-Lag, BEAR-Lag); returns the loss too."""
+    next_q = critic.apply({"params": target_params}, next_observations, next_candidates)  # [E, B, N]
+    target = critics.bellman_target(signal, batch.discounts(discount), bcq_target_value(next_q, target_mix))
+
+    def loss_fn(params):
+        return critics.ensemble_td_loss(critic.apply({"params": params}, batch.observations, batch.actions), target)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+
+def reward_and_cost_critic_steps(critic: QEnsemble, state: Any, batch: dsrl.TransitionBatch,
+                                 next_observations: jax.Array, next_candidates: jax.Array, config: Any):
+    """:func:`candidate_critic_step` of the reward critic, then of the cost critic, on the same candidates;
+    ``state`` carries ``critic``, ``cost_critic`` and their targets. Returns both states and both losses."""
+    reward = candidate_critic_step(critic, state.critic, batch, batch.rewards, state.target_critic, next_observations,
+                                   next_candidates, config.target_mix, config.discount)
+    cost = candidate_critic_step(critic, state.cost_critic, batch, batch.costs, state.target_cost_critic,
+                                 next_observations, next_candidates, config.target_mix, config.discount)
+    return (*reward, *cost)
+
+
+def make_optimizers(config: Any) -> tuple[optax.GradientTransformation, ...]:
+    """Adam of the actor, the critics and the VAE. Built once per learner, so that every run's state
+    carries the same (static) optimizer objects."""
+    return (optax.adam(config.actor_learning_rate), optax.adam(config.critic_learning_rate),
+            optax.adam(config.vae_learning_rate))
+
+
 def vae_step(model: vae.ConditionalVAE, state: TrainState, batch: dsrl.TransitionBatch, kl_weight: float,
              key: jax.Array) -> tuple[TrainState, jax.Array]:
     """One Adam step of the VAE on :func:`vae.vae_loss` (BCQ-Lag and CPQ); returns the loss too."""
@@ -169,6 +203,34 @@ def vae_step(model: vae.ConditionalVAE, state: TrainState, batch: dsrl.Transitio
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return state.apply_gradients(grads=grads), loss
 
+
+class TrainStates(NamedTuple):
+    actor: TrainState
+    critic: TrainState
+    cost_critic: TrainState
+    vae: TrainState
+
+
+def init_train_states(actor: nn.Module, critic: QEnsemble, vae_model: vae.ConditionalVAE, problem: offline.Problem,
+                      key: jax.Array, optimizers: tuple[optax.GradientTransformation, ...]) -> TrainStates:
+    """The actor, the reward and cost critics (one architecture, initialised apart) and the VAE of an OSRL
+    Q-learner (BCQ-Lag, BEAR-Lag, CPQ), each with its optimizer ``(actor, critic, vae)``'s state. The
+    actor takes ``(s, a)`` when it is BCQ's perturbation model, ``s`` otherwise."""
+    actor_tx, critic_tx, vae_tx = optimizers
+    actor_key, critic_key, cost_key, vae_key, latent_key = jax.random.split(key, 5)
+    obs = jnp.zeros((1, problem.observation_size))
+    action = jnp.zeros((1, problem.action_size))
+    actor_inputs = (obs, action) if isinstance(actor, PerturbationActor) else (obs,)
+
+    def trained(module: nn.Module, params: Any, tx: optax.GradientTransformation) -> TrainState:
+        return TrainState.create(apply_fn=module.apply, params=params, tx=tx)
+
+    return TrainStates(
+        actor=trained(actor, actor.init(actor_key, *actor_inputs)["params"], actor_tx),
+        critic=trained(critic, critic.init(critic_key, obs, action)["params"], critic_tx),
+        cost_critic=trained(critic, critic.init(cost_key, obs, action)["params"], critic_tx),
+        vae=trained(vae_model, vae_model.init({"params": vae_key, "latent": latent_key}, obs, action)["params"], vae_tx),
+    )
 
 
 @struct.dataclass
@@ -226,46 +288,18 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         candidates = decode_candidates(networks, vae_params, observations, key)
         return networks.actor.apply({"params": actor_params}, observations, candidates)
 
-    # Built once, so that every run's state carries the same (static) optimizer objects.
-    actor_tx, critic_tx = optax.adam(config.actor_learning_rate), optax.adam(config.critic_learning_rate)
-    vae_tx = optax.adam(config.vae_learning_rate)
+    optimizers = make_optimizers(config)
 
     def init(key: jax.Array, cost_limit: jax.Array) -> LearnerState:
-        actor_key, critic_key, cost_key, vae_key, latent_key = jax.random.split(key, 5)
-        obs = jnp.zeros((1, problem.observation_size))
-        action = jnp.zeros((1, problem.action_size))
-        actor_params = networks.actor.init(actor_key, obs, action)["params"]
-        critic_params = networks.critic.init(critic_key, obs, action)["params"]
-        cost_params = networks.critic.init(cost_key, obs, action)["params"]
-        vae_params = networks.vae.init({"params": vae_key, "latent": latent_key}, obs, action)["params"]
-
-        def trained(module: nn.Module, params: Any, tx: optax.GradientTransformation) -> TrainState:
-            return TrainState.create(apply_fn=module.apply, params=params, tx=tx)
-
+        trained = init_train_states(networks.actor, networks.critic, networks.vae, problem, key, optimizers)
         return LearnerState(
-            actor=trained(networks.actor, actor_params, actor_tx),
-            critic=trained(networks.critic, critic_params, critic_tx),
-            cost_critic=trained(networks.critic, cost_params, critic_tx),
-            vae=trained(networks.vae, vae_params, vae_tx),
-            target_actor=actor_params,
-            target_critic=critic_params,
-            target_cost_critic=cost_params,
+            **trained._asdict(),
+            target_actor=trained.actor.params,
+            target_critic=trained.critic.params,
+            target_cost_critic=trained.cost_critic.params,
             multiplier=rule.init(),
             cost_threshold=cost_threshold(config, problem, cost_limit),
         )
-
-    def critic_step(state: TrainState, batch: dsrl.TransitionBatch, signal: jax.Array, target_params: Any,
-                    next_obs: jax.Array, next_candidates: jax.Array) -> tuple[TrainState, jax.Array]:
-        next_q = networks.critic.apply({"params": target_params}, next_obs, next_candidates)  # [E, B, N]
-        target = critics.bellman_target(signal, batch.discounts(config.discount),
-                                        bcq_target_value(next_q, config.target_mix))
-
-        def loss_fn(params):
-            q_values = networks.critic.apply({"params": params}, batch.observations, batch.actions)
-            return critics.ensemble_td_loss(q_values, target)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(grads=grads), loss
 
     def update(state: LearnerState, batch: dsrl.TransitionBatch, key: jax.Array):
         batch = batch.scaled(config.reward_scale, config.cost_scale)  # what every loss below sees
@@ -275,10 +309,8 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         # N candidate next actions per next state, perturbed by the target actor (BCQ's target policy).
         repeated = jnp.repeat(batch.next_observations[:, None], config.num_sampled_actions, axis=1)
         next_candidates = act(state.target_actor, vae_state.params, repeated, next_key)
-        critic, critic_loss = critic_step(state.critic, batch, batch.rewards,
-                                          state.target_critic, repeated, next_candidates)
-        cost_critic, cost_critic_loss = critic_step(state.cost_critic, batch, batch.costs,
-                                                    state.target_cost_critic, repeated, next_candidates)
+        critic, critic_loss, cost_critic, cost_critic_loss = reward_and_cost_critic_steps(
+            networks.critic, state, batch, repeated, next_candidates, config)
 
         def q_values(actor_params):
             actions = act(actor_params, vae_state.params, batch.observations, actor_key)

@@ -29,16 +29,15 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
 from algorithms import offline
 from algorithms.bc import mode_policy
-from algorithms.bcq_lag import OSRLConfig, check_hidden_sizes, vae_step
+from algorithms.bcq_lag import (OSRLConfig, check_hidden_sizes, cost_threshold, init_train_states, make_optimizers,
+                               vae_step)
 from constrained_rl import critics, distributions, lagrangian
 from constrained_rl.config import require, require_positive_integers
 from constrained_rl.data import dsrl
@@ -180,33 +179,16 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
     def min_q(params: Any, observations: jax.Array, actions: jax.Array) -> jax.Array:
         return critics.double_q_min(networks.critic.apply({"params": params}, observations, actions))
 
-    # Built once, so that every run's state carries the same (static) optimizer objects.
-    actor_tx, critic_tx = optax.adam(config.actor_learning_rate), optax.adam(config.critic_learning_rate)
-    vae_tx = optax.adam(config.vae_learning_rate)
+    optimizers = make_optimizers(config)
 
     def init(key: jax.Array, cost_limit: jax.Array) -> LearnerState:
-        actor_key, critic_key, cost_key, vae_key, latent_key = jax.random.split(key, 5)
-        obs = jnp.zeros((1, problem.observation_size))
-        action = jnp.zeros((1, problem.action_size))
-        actor_params = networks.actor.init(actor_key, obs)["params"]
-        critic_params = networks.critic.init(critic_key, obs, action)["params"]
-        cost_params = networks.critic.init(cost_key, obs, action)["params"]
-        vae_params = networks.vae.init({"params": vae_key, "latent": latent_key}, obs, action)["params"]
-
-        def trained(module: nn.Module, params: Any, tx: optax.GradientTransformation) -> TrainState:
-            return TrainState.create(apply_fn=module.apply, params=params, tx=tx)
-
-        threshold = config.cost_scale * dsrl.per_step_cost_threshold(cost_limit, config.discount,
-                                                                     problem.episode_length)
+        trained = init_train_states(networks.actor, networks.critic, networks.vae, problem, key, optimizers)
         return LearnerState(
-            actor=trained(networks.actor, actor_params, actor_tx),
-            critic=trained(networks.critic, critic_params, critic_tx),
-            cost_critic=trained(networks.critic, cost_params, critic_tx),
-            vae=trained(networks.vae, vae_params, vae_tx),
-            target_critic=critic_params,
-            target_cost_critic=cost_params,
+            **trained._asdict(),
+            target_critic=trained.critic.params,
+            target_cost_critic=trained.cost_critic.params,
             alpha=alpha_rule.init(),
-            cost_threshold=threshold,
+            cost_threshold=cost_threshold(config, problem, cost_limit),
         )
 
     def ood_batch(state: LearnerState, vae_params: Any, observations: jax.Array, key: jax.Array):

@@ -1,4 +1,4 @@
-"""The shared scaffold of the offline safe-RL learners (SATAC, ATAC, BC, BCQ-Lag, CPQ, COptiDICE).
+"""The shared scaffold of the offline safe-RL learners (SATAC, ATAC, BC, BCQ-Lag, BEAR-Lag, CPQ, COptiDICE).
 
 An offline learner is three things (:class:`Algorithm`), built from its config and the
 :class:`Problem` it faces:

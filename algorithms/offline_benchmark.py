@@ -7,7 +7,7 @@ One dataset, every method, one table::
 
 1. **Data**: the given DSRL file, or one collected first by :mod:`algorithms.collect` (stage
    ``behaviour``: PPO-Lagrangian policies over a swept cost limit, grid-filtered).
-2. **Methods** (``methods``; default BC-All, BC-Safe, BCQ-Lag, CPQ, COptiDICE, ATAC, SATAC), one after
+2. **Methods** (``methods``; default BC-All, BC-Safe, BCQ-Lag, BEAR-Lag, CPQ, COptiDICE, ATAC, SATAC), one after
    the other. Each trains ``len(cost_limits) x num_seeds`` runs in one vmapped call of the offline
    scaffold (:mod:`algorithms.offline`); its phases are stages ``<method>_<phase>`` of ``ctx.loop``, so an
    interrupted benchmark resumes inside the method it was training. A finished method's scores are kept
@@ -40,13 +40,14 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, NamedTuple, Sequen
 
 import numpy as np
 
-from algorithms import bc, bcq_lag, collect, coptidice, cpq, offline, satac
+from algorithms import bc, bcq_lag, bear_lag, collect, coptidice, cpq, offline, satac
 from constrained_rl.config import ConfigError, require
 from constrained_rl.data import dsrl
 
 Preset = Literal["protocol", "quick"]
 # Aliases: the Config fields below are named like the modules, and a field's default would shadow them.
 BCConfig, BCSafeConfig, BCQLagConfig, CPQConfig = bc.Config, bc.SafeConfig, bcq_lag.Config, cpq.Config
+BEARLagConfig = bear_lag.Config
 COptiDICEConfig, ATACConfig, SATACConfig = coptidice.Config, satac.ATACConfig, satac.Config
 
 RESULTS_DIR = "methods"  # one JSON of final scores per finished method
@@ -77,6 +78,7 @@ METHODS: dict[str, Method] = {
     "bc_all": Method("BC-All", bc.Config, _fixed(bc.make_algorithm)),
     "bc_safe": Method("BC-Safe", bc.SafeConfig, _fixed(bc.make_algorithm)),
     "bcq_lag": Method("BCQ-Lag", bcq_lag.Config, _fixed(bcq_lag.make_algorithm)),
+    "bear_lag": Method("BEAR-Lag", bear_lag.Config, _fixed(bear_lag.make_algorithm)),
     "cpq": Method("CPQ", cpq.Config, _fixed(cpq.make_algorithm)),
     "coptidice": Method("COptiDICE", coptidice.Config, _coptidice),
     "atac": Method("ATAC", satac.ATACConfig, _fixed(satac.make_algorithm)),
@@ -92,7 +94,7 @@ SHARED_FIELDS = ("task", "dataset", "reward_min", "reward_max", "cost_limits", "
 QUICK_SIZES: dict[str, Any] = {
     "hidden_sizes": (16, 16), "actor_hidden_sizes": (16, 16), "critic_hidden_sizes": (16, 16),
     "vae_hidden_sizes": (16, 16), "batch_size": 32, "num_updates": 4, "warmup_updates": 2,
-    "reference_updates": 2, "num_sampled_actions": 2,
+    "reference_updates": 2, "num_sampled_actions": 2, "num_mmd_samples": 2,
 }
 
 
@@ -121,6 +123,7 @@ class Config:
     bc_all: BCConfig | None = None  # BC-All hyperparameters; none: its defaults (OSRL)
     bc_safe: BCSafeConfig | None = None  # BC-Safe hyperparameters; none: its defaults (OSRL)
     bcq_lag: BCQLagConfig | None = None  # BCQ-Lag hyperparameters; none: its defaults (OSRL)
+    bear_lag: BEARLagConfig | None = None  # BEAR-Lag hyperparameters; none: its defaults (OSRL)
     cpq: CPQConfig | None = None  # CPQ hyperparameters; none: its defaults (OSRL)
     coptidice: COptiDICEConfig | None = None  # COptiDICE hyperparameters; none: its defaults (OSRL)
     atac: ATACConfig | None = None  # ATAC hyperparameters; none: its defaults (ATAC)

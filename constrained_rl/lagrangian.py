@@ -112,18 +112,20 @@ def log_space_ascent(
     learning_rate: float = 0.1,
     init_multiplier: float = 1.0,
     max_multiplier: float = 5.0,
+    min_multiplier: float = 0.0,
 ) -> MultiplierRule:
     """Gradient ascent on ``log lambda``, as in Safe-RLHF (Dai et al. 2023, "Safe RLHF").
 
     Safe-RLHF minimises ``-(J_c - d) * exp(log_lambda)`` with plain SGD and clamps the result, so
 
-        log_lambda <- min(log_lambda + lr * lambda * (J_c - d), log(max_multiplier))
+        log_lambda <- clip(log_lambda + lr * lambda * (J_c - d), log(min_multiplier), log(max_multiplier))
         lambda      = exp(log_lambda)
 
     where ``lambda`` on the right is the value before the step. Working in log space keeps lambda > 0
     and makes steps proportional to lambda. Defaults are Safe-RLHF's (lr 0.1, lambda_init 1,
-    lambda_max 5). ``max_multiplier`` may be ``inf``; log_lambda is then still capped at 80 so that
-    lambda stays finite in float32.
+    lambda_max 5, no floor); BEAR's MMD multiplier uses the same rule clipped to ``[e^-5, e^5]``.
+    ``max_multiplier`` may be ``inf``; log_lambda is then still capped at 80 so that lambda stays
+    finite in float32.
     """
     _check(lambda: learning_rate > 0, "log_space_ascent.learning_rate",
            f"must be > 0 (got {learning_rate})", learning_rate)
@@ -132,8 +134,12 @@ def log_space_ascent(
     _check(lambda: 0 < init_multiplier <= max_multiplier, "log_space_ascent.init_multiplier",
            f"must be in (0, max_multiplier={max_multiplier}] because lambda lives in log space "
            f"(got {init_multiplier})", init_multiplier, max_multiplier)
+    _check(lambda: 0 <= min_multiplier <= init_multiplier, "log_space_ascent.min_multiplier",
+           f"must be in [0, init_multiplier={init_multiplier}] (got {min_multiplier})", min_multiplier,
+           init_multiplier)
 
     log_ceiling = jnp.minimum(jnp.log(_as_scalar(max_multiplier)), _LOG_MULTIPLIER_CEILING)
+    log_floor = jnp.log(_as_scalar(min_multiplier))  # -inf without a floor
 
     def init() -> LogSpaceState:
         log_multiplier = jnp.minimum(jnp.log(_as_scalar(init_multiplier)), log_ceiling)
@@ -142,7 +148,7 @@ def log_space_ascent(
     def update(state: LogSpaceState, constraint_value: jax.Array, limit: jax.Array) -> LogSpaceState:
         gap = _constraint_gap(constraint_value, limit)
         log_multiplier = state.log_multiplier + learning_rate * state.multiplier * gap
-        log_multiplier = jnp.minimum(log_multiplier, log_ceiling)
+        log_multiplier = jnp.clip(log_multiplier, log_floor, log_ceiling)
         return LogSpaceState(multiplier=jnp.exp(log_multiplier), log_multiplier=log_multiplier)
 
     return MultiplierRule(init, update)

@@ -35,6 +35,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "bc_all": ("algorithms.bc", "offline behaviour cloning on all transitions"),
     "bc_safe": ("algorithms.bc:BC_SAFE", "offline behaviour cloning on the episodes within the cost limit"),
     "bcq_lag": ("algorithms.bcq_lag", "offline BCQ-Lag: VAE + perturbation actor, reward and cost twin critics, PID multiplier"),
+    "bear_lag": ("algorithms.bear_lag", "offline BEAR-Lag: policy held to the data's support by an MMD constraint, cost critic, PID multiplier"),
     "cpq": ("algorithms.cpq", "offline CPQ: cost critic pushed up on OOD actions, reward backup masked where Q_c > threshold"),
     "coptidice": ("algorithms.coptidice", "offline COptiDICE: stationary-distribution ratios with a cost upper bound, weighted BC"),
     "offline_benchmark": ("algorithms.offline_benchmark", "offline safe RL, DSRL protocol: every method x seeds x cost limits on one dataset; table and plot"),

@@ -4,7 +4,7 @@ BCQ ("Off-Policy Deep Reinforcement Learning without Exploration") models the be
 state-conditional VAE: the encoder maps ``(s, a)`` to a diagonal Gaussian over a latent ``z``, the
 decoder maps ``(s, z)`` back to an action in ``[-max_action, max_action]``. Decoding latents drawn from
 a *clipped* prior (``z ~ N(0, I)`` clipped to ``[-0.5, 0.5]``) yields actions that resemble the data's.
-BCQ-Lag draws its candidate actions this way; CPQ uses the encoder's KL divergence to flag
+BCQ-Lag draws its candidate actions this way, BEAR-Lag its samples of the data's action distribution; CPQ uses the encoder's KL divergence to flag
 out-of-distribution actions (Xu, Zhang & Li 2022). Both follow OSRL's architecture (two hidden layers
 in encoder and decoder, latent size ``2 * action_size``, encoder log-std clipped to ``[-4, 15]``).
 
@@ -50,8 +50,12 @@ class ConditionalVAE(nn.Module):
         mean, log_std = jnp.split(self.encoder(jnp.concatenate([observation, action], -1)), 2, -1)
         return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
 
+    def decode_pre_squash(self, observation: jax.Array, latent: jax.Array) -> jax.Array:
+        """The decoder's output before the tanh: BEAR matches the policy to the data in this space."""
+        return self.decoder(jnp.concatenate([observation, latent], -1))
+
     def decode(self, observation: jax.Array, latent: jax.Array) -> jax.Array:
-        return self.max_action * jnp.tanh(self.decoder(jnp.concatenate([observation, latent], -1)))
+        return self.max_action * jnp.tanh(self.decode_pre_squash(observation, latent))
 
     def __call__(self, observation: jax.Array, action: jax.Array) -> VAEOutput:
         mean, log_std = self.encode(observation, action)

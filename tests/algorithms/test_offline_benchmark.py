@@ -16,7 +16,7 @@ from tests.algorithms.test_offline import random_ballcircle_file
 
 LIMITS = (10.0, 20.0)
 # One learner of each kind: limit-free (BC-All), safe rows (BC-Safe), dataset statistics (COptiDICE), three
-# phases (SATAC). BCQ-Lag, CPQ and ATAC build the same way and are left out to keep the test fast.
+# phases (SATAC). BCQ-Lag, BEAR-Lag, CPQ and ATAC build the same way and are left out to keep the test fast.
 METHODS = ("bc_all", "bc_safe", "coptidice", "satac")
 
 

@@ -53,6 +53,18 @@ class RulesByHandTest(chex.TestCase):
         np.testing.assert_allclose(state.log_multiplier, math.log(5.0) - 0.1 * 5.0 * 2.0, rtol=1e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
+    def test_log_space_ascent_floor(self):
+        # BEAR's MMD multiplier: log alpha clipped to [-5, 5].
+        rule = lagrangian.log_space_ascent(learning_rate=1.0, init_multiplier=1.0, max_multiplier=math.exp(5.0),
+                                           min_multiplier=math.exp(-5.0))
+        update = self.variant(rule.update)
+        state = update(rule.init(), jnp.float32(-3.0), jnp.float32(0.0))
+        np.testing.assert_allclose(state.log_multiplier, -3.0, rtol=1e-6)
+        state = update(state, jnp.float32(-100.0), jnp.float32(0.0))  # -3 - e^-3 * 100 < -5
+        np.testing.assert_allclose(state.log_multiplier, -5.0, rtol=1e-6)
+        np.testing.assert_allclose(multiplier(state), math.exp(-5.0), rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_projected_ascent_sgd(self):
         rule = lagrangian.projected_ascent(0.5, init_multiplier=0.0, max_multiplier=0.6)
         update = self.variant(rule.update)
@@ -272,6 +284,7 @@ class CostWindowTest(chex.TestCase):
     lambda: lagrangian.log_space_ascent(learning_rate=0.0),
     lambda: lagrangian.log_space_ascent(init_multiplier=0.0),
     lambda: lagrangian.log_space_ascent(init_multiplier=6.0, max_multiplier=5.0),
+    lambda: lagrangian.log_space_ascent(init_multiplier=1.0, min_multiplier=2.0),
     lambda: lagrangian.projected_ascent(None),
     lambda: lagrangian.projected_ascent(0.1, optimizer=optax.sgd(0.1)),
     lambda: lagrangian.projected_ascent(0.1, init_multiplier=-1.0),

@@ -146,6 +146,13 @@ def test_support_constraint_holds_the_policy_to_the_data(trained, support_bound)
     assert np.asarray(metrics["mmd"])[0, -20:].mean() < np.asarray(trained[3]["mmd"])[0, -20:].mean()
 
 
+def test_policy_ignores_reward_before_policy_start_update(trained):
+    # The loose-epsilon setting of `trained`, with the reward switched off for longer than the run: the
+    # actor only matches the data's support, so its action stays near the uniform data's mean.
+    algorithm, dataset, state, metrics = train_bandit(mmd_threshold=1.0, policy_start_update=10 * NUM_UPDATES)
+    assert abs(mean_actions(algorithm, dataset, state)[0]) < 0.25 < mean_actions(*trained[:3])[0]
+
+
 def test_critics_and_vae_learn(trained):
     *_, metrics = trained
     for name, ratio in (("critic_loss", 0.3), ("cost_critic_loss", 0.3), ("vae_loss", 0.8)):

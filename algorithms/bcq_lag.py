@@ -158,6 +158,11 @@ def lagrangian_actor_loss(q_reward: chex.Array, q_cost: chex.Array, multiplier: 
 # Learner
 
 
+def twin_min_q(critic: QEnsemble, params: Any, observations: jax.Array, actions: jax.Array) -> jax.Array:
+    """``min_e Q_e(s, a)`` of a twin critic: the estimate the OSRL Q-learners' actors and targets read."""
+    return critics.double_q_min(critic.apply({"params": params}, observations, actions))
+
+
 def candidate_critic_step(critic: QEnsemble, state: TrainState, batch: dsrl.TransitionBatch, signal: jax.Array,
                           target_params: Any, next_observations: jax.Array, next_candidates: jax.Array,
                           target_mix: float, discount: float) -> tuple[TrainState, jax.Array]:
@@ -314,9 +319,8 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
 
         def q_values(actor_params):
             actions = act(actor_params, vae_state.params, batch.observations, actor_key)
-            q_reward = critics.double_q_min(networks.critic.apply({"params": critic.params}, batch.observations, actions))
-            q_cost = critics.double_q_min(networks.critic.apply({"params": cost_critic.params}, batch.observations, actions))
-            return q_reward, q_cost
+            return (twin_min_q(networks.critic, critic.params, batch.observations, actions),
+                    twin_min_q(networks.critic, cost_critic.params, batch.observations, actions))
 
         # The controller measures Q_c at the actor's current action, then the actor steps against it.
         cost_estimate = jnp.mean(q_values(state.actor.params)[1])

@@ -41,7 +41,8 @@ from flax.training.train_state import TrainState
 from algorithms import offline
 from algorithms.bc import mode_policy
 from algorithms.bcq_lag import (OSRLConfig, check_hidden_sizes, cost_threshold, init_train_states,
-                                make_multiplier_rule, make_optimizers, reward_and_cost_critic_steps, vae_step)
+                                make_multiplier_rule, make_optimizers, reward_and_cost_critic_steps,
+                                twin_min_q, vae_step)
 from constrained_rl import critics, distributions, lagrangian
 from constrained_rl.config import require, require_positive_integers
 from constrained_rl.data import dsrl
@@ -113,7 +114,8 @@ def mmd(samples_x: chex.Array, samples_y: chex.Array, sigma: float, kernel: Kern
             distance = jnp.sum(jnp.abs(difference), axis=-1)
         return jnp.mean(jnp.exp(-distance / (2.0 * sigma)), axis=(1, 2))
 
-    squared = mean_kernel(samples_x, samples_x) + mean_kernel(samples_y, samples_y) - 2.0 * mean_kernel(samples_x, samples_y)
+    squared = (mean_kernel(samples_x, samples_x) + mean_kernel(samples_y, samples_y)
+               - 2.0 * mean_kernel(samples_x, samples_y))
     return jnp.sqrt(squared + 1e-6)
 
 
@@ -156,7 +158,6 @@ class LearnerState:
     alpha: lagrangian.LogSpaceState  # the MMD multiplier
     multiplier: lagrangian.PIDState  # the cost multiplier
     cost_threshold: jax.Array  # per-step-converted threshold compared with Q_c, in scaled cost units
-    step: jax.Array  # updates done (for policy_start_update)
 
 
 class Networks(NamedTuple):
@@ -186,9 +187,6 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         mean, log_std = networks.actor.apply({"params": actor_params}, observations)
         return distributions.gaussian_sample_and_log_prob(key, mean, log_std)[0]
 
-    def min_q(params: Any, observations: jax.Array, actions: jax.Array) -> jax.Array:
-        return critics.double_q_min(networks.critic.apply({"params": params}, observations, actions))
-
     optimizers = make_optimizers(config)
 
     def init(key: jax.Array, cost_limit: jax.Array) -> LearnerState:
@@ -201,7 +199,6 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
             alpha=alpha_rule.init(),
             multiplier=cost_rule.init(),
             cost_threshold=cost_threshold(config, problem, cost_limit),
-            step=jnp.zeros((), jnp.int32),
         )
 
     def update(state: LearnerState, batch: dsrl.TransitionBatch, key: jax.Array):
@@ -221,28 +218,28 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         data_samples = networks.vae.apply({"params": vae_state.params}, tiled, latents,
                                           method=vae.ConditionalVAE.decode_pre_squash)
 
-        def actor_terms(actor_params):
-            policy_samples = sample_pre_squash(actor_params, tiled, actor_key)  # [B, M, A]
-            mmd_values = mmd(data_samples, policy_samples, config.mmd_sigma, config.mmd_kernel)
-            actions = jnp.tanh(policy_samples[:, 0])
-            return (min_q(critic.params, batch.observations, actions),
-                    min_q(cost_critic.params, batch.observations, actions), mmd_values)
-
-        # The controller measures Q_c at the actor's current samples, then the actor steps against it.
-        cost_estimate = jnp.mean(actor_terms(state.actor.params)[1])
-        multiplier_state = cost_rule.update(state.multiplier, cost_estimate, state.cost_threshold)
-        lam, alpha = lagrangian.multiplier(multiplier_state), lagrangian.multiplier(state.alpha)
-        reward_weight = (state.step >= config.policy_start_update).astype(jnp.float32)
+        alpha = lagrangian.multiplier(state.alpha)
+        # The actor steps once per update, so its step counter counts the updates done.
+        reward_weight = (state.actor.step >= config.policy_start_update).astype(jnp.float32)
 
         def actor_loss_fn(params):
-            q_reward, q_cost, mmd_values = actor_terms(params)
-            loss = bear_actor_loss(q_reward, q_cost, mmd_values, alpha, lam, state.cost_threshold,
-                                   config.mmd_threshold, reward_weight)
-            return loss, mmd_values
+            policy_samples = sample_pre_squash(params, tiled, actor_key)  # [B, M, A]
+            mmd_values = mmd(data_samples, policy_samples, config.mmd_sigma, config.mmd_kernel)
+            actions = jnp.tanh(policy_samples[:, 0])
+            q_reward = twin_min_q(networks.critic, critic.params, batch.observations, actions)
+            q_cost = twin_min_q(networks.critic, cost_critic.params, batch.observations, actions)
+            # The controller measures Q_c at the actor's current samples; the actor then steps against
+            # its output (held under stop_gradient in the loss).
+            cost_estimate = jnp.mean(jax.lax.stop_gradient(q_cost))
+            multiplier_state = cost_rule.update(state.multiplier, cost_estimate, state.cost_threshold)
+            loss = bear_actor_loss(q_reward, q_cost, mmd_values, alpha, lagrangian.multiplier(multiplier_state),
+                                   state.cost_threshold, config.mmd_threshold, reward_weight)
+            return loss, (jnp.mean(mmd_values), cost_estimate, multiplier_state)
 
-        (actor_loss, mmd_values), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(state.actor.params)
+        (actor_loss, (mean_mmd, cost_estimate, multiplier_state)), grads = jax.value_and_grad(
+            actor_loss_fn, has_aux=True)(state.actor.params)
         actor = state.actor.apply_gradients(grads=grads)
-        mean_mmd = jnp.mean(mmd_values)
+        lam = lagrangian.multiplier(multiplier_state)
         alpha_state = alpha_rule.update(state.alpha, mean_mmd, jnp.float32(config.mmd_threshold))
 
         tau = config.target_update_rate
@@ -252,7 +249,6 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
             target_critic=critics.polyak_update(state.target_critic, critic.params, tau),
             target_cost_critic=critics.polyak_update(state.target_cost_critic, cost_critic.params, tau),
             alpha=alpha_state, multiplier=multiplier_state, cost_threshold=state.cost_threshold,
-            step=state.step + 1,
         )
         metrics = {
             "vae_loss": vae_loss_value, "critic_loss": critic_loss, "cost_critic_loss": cost_critic_loss,

@@ -37,7 +37,7 @@ from flax.training.train_state import TrainState
 from algorithms import offline
 from algorithms.bc import mode_policy
 from algorithms.bcq_lag import (OSRLConfig, check_hidden_sizes, cost_threshold, init_train_states, make_optimizers,
-                               vae_step)
+                               twin_min_q, vae_step)
 from constrained_rl import critics, distributions, lagrangian
 from constrained_rl.config import require, require_positive_integers
 from constrained_rl.data import dsrl
@@ -177,7 +177,7 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         return distributions.tanh_gaussian_sample_and_log_prob(key, mean, log_std)[0]
 
     def min_q(params: Any, observations: jax.Array, actions: jax.Array) -> jax.Array:
-        return critics.double_q_min(networks.critic.apply({"params": params}, observations, actions))
+        return twin_min_q(networks.critic, params, observations, actions)
 
     optimizers = make_optimizers(config)
 

@@ -22,7 +22,8 @@ A Stackelberg game per update, the critics (followers) first, then the actor (le
   action or, with ``penalty_action = mode``, at the deterministic ``tanh(mean)``), the
   aggression-limited objective: the actor pays only where it looks costlier than the reference
   ``a_ref``: the dataset action (``behaviour``), a BC-Safe policy trained first on the episodes within
-  the run's cost limit, or within ``safe_fraction`` of it (``bc_safe``), or the absolute per-step threshold
+  the run's cost limit, or within ``safe_fraction`` of it, optionally only the ``top_reward_fraction``
+  of those with the highest reward returns (``bc_safe``), or the absolute per-step threshold
   ``kappa (1 - gamma^T) / ((1 - gamma) T)`` in place of ``f_c(s, a_ref)`` (``threshold``);
 * ``alpha`` auto-tuned toward the target entropy ``-|A|`` (loss ``log_alpha * (H - target)``);
 * ``lambda`` fixed (the paper's) or moved by a :mod:`constrained_rl.lagrangian` rule on the policy's
@@ -89,6 +90,7 @@ class Config(offline.OfflineConfig):
     warmup_updates: int = 100_000  # warm start: BC actor and Bellman-only critics (ATAC: 100k)
     warmup_data: WarmupData = "all"  # warm start on all data (ATAC) or on the episodes within kappa (BC-Safe's)
     safe_fraction: float = 1.0  # the reference and a safe warm start clone the episodes with C <= this x kappa
+    top_reward_fraction: float = 1.0  # ... and of those only this share with the highest reward returns
     critic_warmup: CriticWarmup = "bellman"  # warm-start critics on Bellman errors (ATAC) or Monte-Carlo returns
     actor_from_reference: bool = False  # bc_safe only: the actor enters the warm start as the BC-Safe reference
     reference_updates: int = 100_000  # BC-Safe reference updates before the warm start (bc_safe only)
@@ -120,7 +122,9 @@ class Config(offline.OfflineConfig):
         require(0 <= self.cost_weight <= self.multiplier_max, "cost_weight",
                 f"must be in [0, multiplier_max={self.multiplier_max}] (got {self.cost_weight})")
         require(0 < self.tau <= 1, "tau", f"must be in (0, 1] (got {self.tau})")
-        require(0 < self.safe_fraction <= 1, "safe_fraction", f"must be in (0, 1] (got {self.safe_fraction})")
+        for name in ("safe_fraction", "top_reward_fraction"):
+            value = getattr(self, name)
+            require(0 < value <= 1, name, f"must be in (0, 1] (got {value})")
         require(0 <= self.td_weight <= 1, "td_weight", f"must be in [0, 1] (got {self.td_weight})")
         require(len(self.hidden_sizes) >= 1 and all(w >= 1 for w in self.hidden_sizes), "hidden_sizes",
                 f"must be one or more positive widths (got {self.hidden_sizes})")
@@ -533,9 +537,10 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
     phases = (
         offline.Phase("reference", _reference_update(learner),
                       config.reference_updates if config.trains_reference else 0, rows="safe",
-                      safe_fraction=config.safe_fraction),
+                      safe_fraction=config.safe_fraction, top_reward_fraction=config.top_reward_fraction),
         offline.Phase("warmup", lambda s, b, k: update(learner, s, b, k, warm=True), config.warmup_updates,
-                      rows=config.warmup_data, safe_fraction=config.safe_fraction),
+                      rows=config.warmup_data, safe_fraction=config.safe_fraction,
+                      top_reward_fraction=config.top_reward_fraction),
         offline.Phase("hold", lambda s, b, k: update(learner, s, b, k, actor_moves=False),
                       config.actor_hold_updates),
         offline.Phase("train", lambda s, b, k: update(learner, s, b, k), config.num_updates),

@@ -141,6 +141,8 @@ def test_warm_start_can_clone_only_the_safe_episodes():
     halved = satac.make_algorithm(satac.Config(warmup_data="safe", safe_fraction=0.5), problem)
     assert [(p.rows, p.safe_fraction) for p in halved.phases] == [
         ("safe", 0.5), ("safe", 0.5), ("all", 1.0), ("all", 1.0)]
+    frontier = satac.make_algorithm(satac.Config(warmup_data="safe", top_reward_fraction=0.25), problem)
+    assert [p.top_reward_fraction for p in frontier.phases] == [0.25, 0.25, 1.0, 1.0]
     # Safe warm-start data depends on kappa, so each limit needs its own runs.
     assert safe.uses_cost_limit and satac.Config(warmup_data="safe", use_cost_critic=False).uses_cost_limit
     with pytest.raises(ConfigError, match="warmup_data"):
@@ -148,6 +150,8 @@ def test_warm_start_can_clone_only_the_safe_episodes():
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="safe_fraction"):
             satac.Config(safe_fraction=bad)
+        with pytest.raises(ConfigError, match="top_reward_fraction"):
+            satac.Config(top_reward_fraction=bad)
 
 
 # --------------------------------------------------------------------------------------------------

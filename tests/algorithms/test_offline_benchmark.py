@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from algorithms import offline, offline_benchmark as bench
 from constrained_rl.config import ConfigError
 from constrained_rl.data import dsrl
-from experiments import registry
+from experiments import cli, registry
 from experiments import run as runner
 from tests.algorithms.test_offline import random_ballcircle_file
 
@@ -136,6 +137,29 @@ def test_method_configs_take_preset_budget_and_shared_settings():
     quick = bench.method_config(bench.Config(preset="quick"), "bcq_lag")
     assert (quick.num_updates, quick.vae_hidden_sizes, quick.batch_size) == (4, (16, 16), 32)
     assert bench.method_config(bench.Config(), "bc_safe").data == "safe"
+
+
+def test_the_cpu_tables_config_file_gives_the_documented_settings():
+    # experiments/configs/offline_cpu_tables.toml is the one-flag form of the tables' commands
+    # (docs/results/offline_results.md): 64 units wide, 4,000 updates, SATAC's short-budget settings.
+    path = str(Path(runner.__file__).parent / "configs" / "offline_cpu_tables.toml")
+    overrides = runner._file_overrides(path, "offline_benchmark") + [
+        cli.Override("task", "BallRun", "--task", from_text=True),
+        cli.Override("satac.safe_fraction", "1", "--satac.safe_fraction", from_text=True)]
+    config = cli.build_config(bench.Config, overrides)
+    assert (config.num_updates, config.warmup_updates, config.reference_updates, config.eval_every) == (
+        4000, 2000, 1000, 0)
+    widths = {name: {field: getattr(bench.method_config(config, name), field)
+                     for field in ("hidden_sizes", "actor_hidden_sizes", "critic_hidden_sizes", "vae_hidden_sizes")
+                     if hasattr(bench.method_config(config, name), field)} for name in bench.METHODS}
+    for name, fields in widths.items():
+        expected = (64, 64, 64) if name in ("atac", "satac") else (64, 64)
+        assert fields and set(fields.values()) == {expected}, (name, fields)
+    satac = bench.method_config(config, "satac")
+    assert (satac.task, satac.warmup_data, satac.critic_warmup, satac.reward_scale, satac.cost_weight) == (
+        "BallRun", "safe", "returns", 0.1, 10.0)
+    assert satac.safe_fraction == 1.0  # the command line wins over the file
+    assert satac.num_updates == 4000 and bench.method_config(config, "bear_lag").num_updates == 4000
 
 
 def test_bad_settings_are_refused():

@@ -90,7 +90,7 @@ class Config(offline.OfflineConfig):
     warmup_updates: int = 100_000  # warm start: BC actor and Bellman-only critics (ATAC: 100k)
     warmup_data: WarmupData = "all"  # warm start on all data (ATAC) or on the episodes within kappa (BC-Safe's)
     safe_fraction: float = 1.0  # the reference and a safe warm start clone the episodes with C <= this x kappa
-    top_reward_fraction: float = 1.0  # ... and of those only this share with the highest reward returns
+    top_reward_fraction: float = 1.0  # of those episodes, clone only this share with the highest reward returns
     critic_warmup: CriticWarmup = "bellman"  # warm-start critics on Bellman errors (ATAC) or Monte-Carlo returns
     actor_from_reference: bool = False  # bc_safe only: the actor enters the warm start as the BC-Safe reference
     reference_updates: int = 100_000  # BC-Safe reference updates before the warm start (bc_safe only)

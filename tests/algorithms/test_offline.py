@@ -67,23 +67,29 @@ def test_top_reward_fraction_keeps_the_safe_episodes_with_the_most_reward(tiny):
 
 
 def test_training_samples_a_phase_s_share_of_the_safe_episodes(tiny, tmp_path):
-    # train reads each phase's safe_fraction. Cost returns 1, 6 and 0: BC-Safe with half of kappa = 6
-    # keeps the episodes kappa = 1 keeps, and all of them at the full 6.
+    # train reads each phase's safe_fraction and top_reward_fraction. Cost returns 1, 6 and 0, reward
+    # returns 6, 2 and 8: BC-Safe with half of kappa = 6 keeps the episodes kappa = 1 keeps, and all of
+    # them at the full 6; the top third by reward at 6 keeps only the last episode, as a tenth of 6 does.
     config = bc.SafeConfig(task="BallCircle", num_seeds=1, hidden_sizes=(8,), batch_size=4, num_updates=20,
                            updates_per_chunk=20, eval_every=0)
     algorithm = bc.make_algorithm(config, offline.Problem(3, 2, 10))
 
-    def trained(limit: float, fraction: float):
-        phases = tuple(p._replace(safe_fraction=fraction) for p in algorithm.phases)
+    def trained(limit: float, fraction: float, top: float = 1.0):
+        phases = tuple(p._replace(safe_fraction=fraction, top_reward_fraction=top) for p in algorithm.phases)
         layout = offline.run_layout((limit,), num_seeds=1)
         session = offline.Session(tiny, layout, (limit,), algorithm._replace(phases=phases), None, None)
-        ctx = RunContext(tmp_path / f"{limit}-{fraction}", progress=False)
+        ctx = RunContext(tmp_path / f"{limit}-{fraction}-{top}", progress=False)
         return offline.train(config, ctx, session).learner
 
-    halved = trained(6.0, 0.5)
+    def first_kernel(learner):
+        return learner.actor["params"]["MLP_0"]["Dense_0"]["kernel"]
+
+    halved, everything = trained(6.0, 0.5), trained(6.0, 1.0)
     chex.assert_trees_all_equal(halved, trained(1.0, 1.0))
-    assert not np.allclose(halved.actor["params"]["MLP_0"]["Dense_0"]["kernel"],
-                           trained(6.0, 1.0).actor["params"]["MLP_0"]["Dense_0"]["kernel"])
+    assert not np.allclose(first_kernel(halved), first_kernel(everything))
+    frontier = trained(6.0, 1.0, top=1 / 3)
+    chex.assert_trees_all_equal(frontier, trained(6.0, 0.1))
+    assert not np.allclose(first_kernel(frontier), first_kernel(everything))
 
 
 def test_sampling_stays_in_the_run_rows(tiny):

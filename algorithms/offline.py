@@ -1,4 +1,4 @@
-"""The shared scaffold of the offline safe-RL learners (SATAC, ATAC, BC, BCQ-Lag, BEAR-Lag, CPQ, COptiDICE).
+"""The shared scaffold of the offline safe-RL learners (SATAC, ATAC, BC, BCQ-Lag, BEAR-Lag, CPQ, COptiDICE, CDT).
 
 An offline learner is three things (:class:`Algorithm`), built from its config and the
 :class:`Problem` it faces:
@@ -10,6 +10,10 @@ An offline learner is three things (:class:`Algorithm`), built from its config a
   drawn from all the data or only from the episodes within the run's cost limit (BC-Safe);
 * ``policy(state, obs, key) -> (action, extras)``: the deterministic evaluation policy, in the form
   of :mod:`constrained_rl.rollouts` policies with the whole learner state as its parameters.
+
+A sequence learner (CDT) replaces two of these defaults: its ``sampler`` draws its own minibatches
+(trajectory segments) from data it prepares once, and its ``evaluate`` plays whole episodes with
+the history its policy conditions on, told the cost limit it is scored under.
 
 Everything else lives here, once: the dataset (a DSRL file, or one collected first with
 :mod:`algorithms.collect`), runs vmapped over seeds *and* cost limits (``len(cost_limits) x
@@ -134,16 +138,33 @@ class Phase(NamedTuple):
     top_reward_fraction: float = 1.0  # "safe" rows: of those, this share with the highest reward return
 
 
+class DataSampler(NamedTuple):
+    """A learner's own minibatches in place of uniform transitions (CDT's trajectory segments)."""
+
+    prepare: Callable[[dsrl.OfflineDataset], Any]  # host-side, once: the device pytree sampled from
+    sample: Callable[[Any, jax.Array, int], Any]  # (prepared, key, batch_size) -> the update's batch
+
+
+# (env, learner state of one run, cost limit, key, num_episodes) -> EpisodeStats [num_episodes]
+Evaluate = Callable[[envs.Env, Any, jax.Array, jax.Array, int], rollouts.EpisodeStats]
+
+
 class Algorithm(NamedTuple):
     init: Callable[[jax.Array, jax.Array], Any]  # (key, cost_limit) -> learner state of one run
     phases: tuple[Phase, ...]  # trained in order
-    policy: PolicyFn  # deterministic evaluation policy(state, obs, key) -> (action, extras)
+    policy: PolicyFn | None = None  # deterministic evaluation policy(state, obs, key) -> (action, extras)
     # False when training ignores the cost limit (BC-All, ATAC): one run per seed is trained and
     # scored under every limit, instead of identical copies per limit.
     uses_cost_limit: bool = True
     # True when an update reads ``batch.returns`` (Monte-Carlo targets): the scaffold then adds the
     # dataset's discounted returns-to-go (dsrl.with_returns_to_go at the config's discount).
     uses_returns: bool = False
+    # Set: the phases' minibatches come from it (all rows; ``Phase.rows`` must be "all").
+    sampler: DataSampler | None = None
+    # Set: episodes are played by it instead of by ``policy``, once per scored cost limit (the policy
+    # conditions on the limit: CDT's target cost), so a learner that ignores the limit in training
+    # is still scored under each limit by its own conditioned policy.
+    evaluate: Evaluate | None = None
 
 
 class Variant(NamedTuple):
@@ -264,19 +285,26 @@ def sample_rows(rows: RowSet, key: jax.Array, batch_size: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=32)
-def make_chunk(update: Update, batch_size: int, num_updates: int) -> Callable[..., tuple[RunState, Metrics]]:
+def make_chunk(update: Update, batch_size: int, num_updates: int,
+               sampler: DataSampler | None = None) -> Callable[..., tuple[RunState, Metrics]]:
     """A jitted ``(states [R], rows [R], dataset) -> (states, metrics [R, num_updates])``.
 
     Each run does ``num_updates`` updates in a ``lax.scan``; every update samples its minibatch on the
     device from the run's rows of the shared dataset (the dataset is an argument, not a constant, so
-    a large one is neither copied into the program nor recompiled per run). Cached: the same
-    update function gets the same compiled chunk.
+    a large one is neither copied into the program nor recompiled per run). With a ``sampler``,
+    ``dataset`` is its prepared data and the minibatch is ``sampler.sample(dataset, key, batch_size)``.
+    Cached: the same update function gets the same compiled chunk.
     """
 
-    def one_run(state: RunState, rows: RowSet, dataset: dsrl.OfflineDataset):
+    def draw(dataset: Any, rows: RowSet, key: jax.Array) -> Any:
+        if sampler is not None:
+            return sampler.sample(dataset, key, batch_size)
+        return dsrl.take_transitions(dataset, sample_rows(rows, key, batch_size))
+
+    def one_run(state: RunState, rows: RowSet, dataset: Any):
         def body(state: RunState, _):
             key, sample_key, update_key = jax.random.split(state.key, 3)
-            batch = dsrl.take_transitions(dataset, sample_rows(rows, sample_key, batch_size))
+            batch = draw(dataset, rows, sample_key)
             learner, metrics = update(state.learner, batch, update_key)
             return RunState(learner, key, state.updates + 1), metrics
 
@@ -296,29 +324,53 @@ def evaluation_env(task: str) -> envs.Env:
 
 
 @functools.lru_cache(maxsize=32)
-def make_evaluator(env: envs.Env, policy: PolicyFn, num_episodes: int):
-    """A jitted ``(learner states [R], keys [R]) -> EpisodeStats [R, num_episodes]`` (cached)."""
+def make_evaluator(env: envs.Env, algorithm: Algorithm, num_episodes: int):
+    """A jitted ``(learner states [R], cost limits [R], keys [R]) -> EpisodeStats [R, num_episodes]``
+    (cached); the limits reach only a learner's own ``evaluate``."""
 
-    def one_run(learner: Any, key: jax.Array) -> rollouts.EpisodeStats:
-        return rollouts.evaluate_episodes(env, policy, learner, key, num_episodes)
+    def one_run(learner: Any, cost_limit: jax.Array, key: jax.Array) -> rollouts.EpisodeStats:
+        if algorithm.evaluate is not None:
+            return algorithm.evaluate(env, learner, cost_limit, key, num_episodes)
+        return rollouts.evaluate_episodes(env, algorithm.policy, learner, key, num_episodes)
 
     return jax.jit(jax.vmap(one_run))
 
 
-def score_runs(stats: rollouts.EpisodeStats, layout: RunLayout, cost_limits: Sequence[float],
+def play_episodes(session: "Session", learner: Any, key: jax.Array,
+                  num_episodes: int) -> dict[float, rollouts.EpisodeStats]:
+    """``num_episodes`` episodes of every run ``[R, num_episodes]`` per scored cost limit.
+
+    A policy that does not condition on the limit plays once and its episodes serve every limit;
+    a learner's own ``evaluate`` plays once per limit, told that limit. Each run gets one key,
+    whatever the limit (common random numbers across limits).
+    """
+    evaluate = make_evaluator(session.env, session.algorithm, num_episodes)
+    num_runs = session.layout.cost_limits.shape[0]
+    keys = jax.random.split(key, num_runs)
+    if session.algorithm.evaluate is None:
+        stats = evaluate(learner, jnp.asarray(session.layout.cost_limits), keys)
+        return {limit: stats for limit in session.cost_limits}
+    return {limit: evaluate(learner, jnp.full((num_runs,), limit, jnp.float32), keys)
+            for limit in session.cost_limits}
+
+
+def score_runs(stats: rollouts.EpisodeStats | Mapping[float, rollouts.EpisodeStats], layout: RunLayout,
+               cost_limits: Sequence[float],
                reference: evaluation.ReferenceReturns) -> dict[float, evaluation.ScoreSummary]:
     """DSRL scores summarized over the seeds of each cost limit in ``cost_limits``.
 
     A run trained for one of the limits is scored under it; when the layout holds a single limit
     that is not in ``cost_limits`` (a learner that ignores the limit), every run is scored under
-    every limit.
+    every limit. ``stats`` holds every run's episodes, or one such set per limit
+    (:func:`play_episodes`).
     """
     stats = jax.device_get(stats)
     trained_for = {float(k) for k in layout.cost_limits}
     summaries = {}
     for limit in cost_limits:
+        played = stats[limit] if isinstance(stats, Mapping) else stats
         runs = [r for r, k in enumerate(layout.cost_limits) if float(k) == limit or limit not in trained_for]
-        scores = [evaluation.score_episodes(stats.reward_return[r], stats.cost_return[r], stats.length[r],
+        scores = [evaluation.score_episodes(played.reward_return[r], played.cost_return[r], played.length[r],
                                             float(limit), reference) for r in runs]
         summaries[float(limit)] = evaluation.aggregate_seeds(scores)
     return summaries
@@ -354,6 +406,7 @@ class Session(NamedTuple):
     algorithm: Algorithm
     env: envs.Env
     reference: evaluation.ReferenceReturns | None  # None: no reference returns, no periodic scores
+    training_data: Any = None  # the sampler's prepared data, which the chunks then sample from
 
 
 def train(config: OfflineConfig, ctx, session: Session) -> RunState:
@@ -364,7 +417,7 @@ def train(config: OfflineConfig, ctx, session: Session) -> RunState:
     DSRL scores are logged beside the training metrics.
     """
     algorithm, layout = session.algorithm, session.layout
-    evaluate_during = make_evaluator(session.env, algorithm.policy, config.eval_episodes_during)
+    training_data = session.dataset if session.training_data is None else session.training_data
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
 
     def initial() -> RunState:
@@ -378,19 +431,19 @@ def train(config: OfflineConfig, ctx, session: Session) -> RunState:
         per_chunk = min(config.updates_per_chunk, phase.num_updates)
         require(phase.num_updates % per_chunk == 0, phase.name,
                 f"{phase.num_updates} updates are not a whole number of chunks of {per_chunk}")
-        chunk = make_chunk(phase.update, config.batch_size, per_chunk)
+        chunk = make_chunk(phase.update, config.batch_size, per_chunk, algorithm.sampler)
         rows = row_sets(session.dataset, phase.rows, layout, phase.safe_fraction, phase.top_reward_fraction)
 
         def chunk_fn(state: RunState, chunk=chunk, rows=rows, per_chunk=per_chunk,
                      offset=updates_before) -> tuple[RunState, dict]:
-            state, metrics = chunk(state, rows, session.dataset)
+            state, metrics = chunk(state, rows, training_data)
             row: dict[str, Any] = {name: jnp.mean(value, axis=0) for name, value in metrics.items()}
             updates = int(jax.device_get(state.updates[0]))
             chunks_done = (updates - offset) // per_chunk
             if session.reference is not None and config.eval_every and chunks_done % config.eval_every == 0:
                 # The key depends on the update count only, so a resumed run evaluates identically.
-                keys = jax.random.split(jax.random.fold_in(eval_key, updates), layout.cost_limits.shape[0])
-                stats = evaluate_during(state.learner, keys)
+                stats = play_episodes(session, state.learner, jax.random.fold_in(eval_key, updates),
+                                      config.eval_episodes_during)
                 row.update(evaluation_row(score_runs(stats, layout, session.cost_limits, session.reference)))
             return state, row
 
@@ -439,14 +492,21 @@ def make_session(config: OfflineConfig, dataset: dsrl.OfflineDataset, make_algor
         require(all(p.rows == "all" for p in algorithm.phases if p.num_updates), "cost_limits",
                 "a learner sampling safe episodes depends on the cost limit")
     layout = run_layout(trained_limits, config.num_seeds)
-    return Session(dataset, layout, tuple(float(k) for k in config.cost_limits), algorithm, env, reference)
+    training_data = None
+    if algorithm.sampler is not None:
+        require(all(p.rows == "all" for p in algorithm.phases), "rows",
+                "a learner with its own sampler samples from all rows")
+        training_data = algorithm.sampler.prepare(dataset)
+    require(algorithm.policy is not None or algorithm.evaluate is not None, "policy",
+            "a learner needs an evaluation policy or its own evaluate")
+    return Session(dataset, layout, tuple(float(k) for k in config.cost_limits), algorithm, env, reference,
+                   training_data)
 
 
 def final_summary(config: OfflineConfig, session: Session, state: RunState) -> dict[str, Any]:
     """DSRL scores of the final policies (``eval_episodes`` per run) per cost limit."""
-    evaluate = make_evaluator(session.env, session.algorithm.policy, config.eval_episodes)
-    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2), session.layout.cost_limits.shape[0])
-    stats = jax.device_get(evaluate(state.learner, keys))
+    stats = jax.device_get(play_episodes(session, state.learner, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2),
+                                         config.eval_episodes))
     summary: dict[str, Any] = {
         "task": config.task,
         "transitions": session.dataset.num_transitions,
@@ -455,8 +515,8 @@ def final_summary(config: OfflineConfig, session: Session, state: RunState) -> d
         "gradient_updates": int(jax.device_get(state.updates[0])),
     }
     if session.reference is None:
-        summary["reward_return"] = float(np.mean(stats.reward_return))
-        summary["cost_return"] = float(np.mean(stats.cost_return))
+        summary["reward_return"] = float(np.mean([s.reward_return for s in stats.values()]))
+        summary["cost_return"] = float(np.mean([s.cost_return for s in stats.values()]))
         return summary
     scores = score_runs(stats, session.layout, session.cost_limits, session.reference)
     summary.update({

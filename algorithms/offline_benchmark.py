@@ -7,7 +7,7 @@ One dataset, every method, one table::
 
 1. **Data**: the given DSRL file, or one collected first by :mod:`algorithms.collect` (stage
    ``behaviour``: PPO-Lagrangian policies over a swept cost limit, grid-filtered).
-2. **Methods** (``methods``; default BC-All, BC-Safe, BCQ-Lag, BEAR-Lag, CPQ, COptiDICE, ATAC, SATAC), one after
+2. **Methods** (``methods``; default BC-All, BC-Safe, BCQ-Lag, BEAR-Lag, CPQ, COptiDICE, CDT, ATAC, SATAC), one after
    the other. Each trains ``len(cost_limits) x num_seeds`` runs in one vmapped call of the offline
    scaffold (:mod:`algorithms.offline`); its phases are stages ``<method>_<phase>`` of ``ctx.loop``, so an
    interrupted benchmark resumes inside the method it was training. A finished method's scores are kept
@@ -40,7 +40,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, NamedTuple, Sequen
 
 import numpy as np
 
-from algorithms import bc, bcq_lag, bear_lag, collect, coptidice, cpq, offline, satac
+from algorithms import bc, bcq_lag, bear_lag, cdt, collect, coptidice, cpq, offline, satac
 from constrained_rl.config import ConfigError, require
 from constrained_rl.data import dsrl
 
@@ -49,6 +49,7 @@ Preset = Literal["protocol", "quick"]
 BCConfig, BCSafeConfig, BCQLagConfig, CPQConfig = bc.Config, bc.SafeConfig, bcq_lag.Config, cpq.Config
 BEARLagConfig = bear_lag.Config
 COptiDICEConfig, ATACConfig, SATACConfig = coptidice.Config, satac.ATACConfig, satac.Config
+CDTConfig = cdt.Config
 
 RESULTS_DIR = "methods"  # one JSON of final scores per finished method
 TABLE_CSV = "results.csv"
@@ -81,6 +82,7 @@ METHODS: dict[str, Method] = {
     "bear_lag": Method("BEAR-Lag", bear_lag.Config, _fixed(bear_lag.make_algorithm)),
     "cpq": Method("CPQ", cpq.Config, _fixed(cpq.make_algorithm)),
     "coptidice": Method("COptiDICE", coptidice.Config, _coptidice),
+    "cdt": Method("CDT", cdt.Config, cdt.builder),
     "atac": Method("ATAC", satac.ATACConfig, _fixed(satac.make_algorithm)),
     "satac": Method("SATAC", satac.Config, _fixed(satac.make_algorithm)),
 }
@@ -94,7 +96,7 @@ SHARED_FIELDS = ("task", "dataset", "reward_min", "reward_max", "cost_limits", "
 QUICK_SIZES: dict[str, Any] = {
     "hidden_sizes": (16, 16), "actor_hidden_sizes": (16, 16), "critic_hidden_sizes": (16, 16),
     "vae_hidden_sizes": (16, 16), "batch_size": 32, "num_updates": 4, "warmup_updates": 2,
-    "reference_updates": 2, "num_sampled_actions": 2, "num_mmd_samples": 2,
+    "reference_updates": 2, "num_sampled_actions": 2, "num_mmd_samples": 2, "embedding_dim": 16, "num_layers": 1,
 }
 
 
@@ -126,6 +128,7 @@ class Config:
     bear_lag: BEARLagConfig | None = None  # BEAR-Lag hyperparameters; none: its defaults (OSRL)
     cpq: CPQConfig | None = None  # CPQ hyperparameters; none: its defaults (OSRL)
     coptidice: COptiDICEConfig | None = None  # COptiDICE hyperparameters; none: its defaults (OSRL)
+    cdt: CDTConfig | None = None  # CDT hyperparameters; none: its defaults (OSRL)
     atac: ATACConfig | None = None  # ATAC hyperparameters; none: its defaults (ATAC)
     satac: SATACConfig | None = None  # SATAC hyperparameters; none: its defaults (docs/algorithms/satac.md)
 

@@ -54,6 +54,10 @@ def env_step(env: Env, policy_fn: PolicyFn, policy_params: Any, state: EnvState,
              key: jax.Array) -> tuple[EnvState, Transition]:
     """Acts once from ``state`` and returns the next state and the transition."""
     action, extras = policy_fn(policy_params, state.obs, key)
+    return _act(env, state, action, extras)
+
+
+def _act(env: Env, state: EnvState, action: jax.Array, extras: dict[str, jax.Array]) -> tuple[EnvState, Transition]:
     next_state = env.step(state, action)
     transition = Transition(
         obs=state.obs,
@@ -91,6 +95,18 @@ class EpisodeStats(NamedTuple):
     length: jax.Array
 
 
+class HistoryPolicy(NamedTuple):
+    """A policy that acts on its own record of the episode (a decision transformer's context).
+
+    ``start(params, first_obs) -> memory``; ``act(params, memory, key) -> (action, memory)``;
+    ``remember(params, memory, transition) -> memory`` after each step. Batched over episodes.
+    """
+
+    start: Callable[[Any, jax.Array], Any]
+    act: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+    remember: Callable[[Any, Any, Transition], Any]
+
+
 @functools.partial(jax.jit, static_argnames=("env", "policy_fn", "num_episodes"))
 def evaluate_episodes(env: Env, policy_fn: PolicyFn, policy_params: Any, key: jax.Array,
                       num_episodes: int) -> EpisodeStats:
@@ -102,6 +118,28 @@ def evaluate_episodes(env: Env, policy_fn: PolicyFn, policy_params: Any, key: ja
     Returns ``R = sum_t m_t r_t``, ``C = sum_t m_t c_t``, ``L = sum_t m_t`` with
     ``m_t = prod_{k<t} (1 - done_k)``.
     """
+
+    def step(batched: Env, state: EnvState, memory: None, step_key: jax.Array):
+        return (*env_step(batched, policy_fn, policy_params, state, step_key), None)
+
+    return _masked_totals(env, key, num_episodes, lambda state: None, step)
+
+
+@functools.partial(jax.jit, static_argnames=("env", "policy", "num_episodes"))
+def evaluate_history_episodes(env: Env, policy: HistoryPolicy, policy_params: Any, key: jax.Array,
+                              num_episodes: int) -> EpisodeStats:
+    """:func:`evaluate_episodes` for a :class:`HistoryPolicy`: the same episodes, masking and totals."""
+
+    def step(batched: Env, state: EnvState, memory: Any, step_key: jax.Array):
+        action, memory = policy.act(policy_params, memory, step_key)
+        next_state, transition = _act(batched, state, action, {})
+        return next_state, transition, policy.remember(policy_params, memory, transition)
+
+    return _masked_totals(env, key, num_episodes, lambda state: policy.start(policy_params, state.obs), step)
+
+
+def _masked_totals(env: Env, key: jax.Array, num_episodes: int, start: Callable[[EnvState], Any],
+                   step: Callable[..., tuple[EnvState, Transition, Any]]) -> EpisodeStats:
     require(env.batch_size is None, "env", "evaluate_episodes vmaps an unbatched environment; pass one without batch_size")
     require(num_episodes > 0, "num_episodes", f"must be positive, got {num_episodes}")
     reset_key, policy_key = jax.random.split(key)
@@ -109,14 +147,13 @@ def evaluate_episodes(env: Env, policy_fn: PolicyFn, policy_params: Any, key: ja
     state = batched.reset(reset_key)
 
     def body(carry, step_key):
-        state, alive = carry
-        state, transition = env_step(batched, policy_fn, policy_params, state, step_key)
+        state, memory, alive = carry
+        state, transition, memory = step(batched, state, memory, step_key)
         totals = (alive * transition.reward, alive * transition.cost, alive)
-        return (state, alive * (1.0 - transition.done)), totals
+        return (state, memory, alive * (1.0 - transition.done)), totals
 
     alive = jnp.ones((num_episodes,), jnp.float32)
     keys = jax.random.split(policy_key, env.episode_length)
-    _, (rewards, costs, steps) = jax.lax.scan(body, (state, alive), keys)
+    _, (rewards, costs, steps) = jax.lax.scan(body, (state, start(state), alive), keys)
     chex.assert_shape(rewards, (env.episode_length, num_episodes))
     return EpisodeStats(reward_return=rewards.sum(0), cost_return=costs.sum(0), length=steps.sum(0))
-

@@ -38,6 +38,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "bear_lag": ("algorithms.bear_lag", "offline BEAR-Lag: policy held to the data's support by an MMD constraint, cost critic, PID multiplier"),
     "cpq": ("algorithms.cpq", "offline CPQ: cost critic pushed up on OOD actions, reward backup masked where Q_c > threshold"),
     "coptidice": ("algorithms.coptidice", "offline COptiDICE: stationary-distribution ratios with a cost upper bound, weighted BC"),
+    "cdt": ("algorithms.cdt", "offline CDT: decision transformer conditioned on reward- and cost-to-go, return relabelling"),
     "offline_benchmark": ("algorithms.offline_benchmark", "offline safe RL, DSRL protocol: every method x seeds x cost limits on one dataset; table and plot"),
     "sft": ("algorithms.sft", "LLM supervised fine-tuning on (prompt, response) demonstrations; Hugging Face export"),
     "reward_model": ("algorithms.score_models", "LLM reward model: Bradley-Terry on (better, worse) pairs; Hugging Face export"),

@@ -141,7 +141,8 @@ def test_method_configs_take_preset_budget_and_shared_settings():
 
 def test_the_cpu_tables_config_file_gives_the_documented_settings():
     # experiments/configs/offline_cpu_tables.toml is the one-flag form of the tables' commands
-    # (docs/results/offline_results.md): 64 units wide, 4,000 updates, SATAC's short-budget settings.
+    # (docs/results/offline_results.md): 64 units wide, 4,000 updates, SATAC's short-budget settings,
+    # CDT 64 wide on batches of 256 segments.
     path = str(Path(runner.__file__).parent / "configs" / "offline_cpu_tables.toml")
     overrides = runner._file_overrides(path, "offline_benchmark") + [
         cli.Override("task", "BallRun", "--task", from_text=True),
@@ -151,7 +152,7 @@ def test_the_cpu_tables_config_file_gives_the_documented_settings():
         4000, 2000, 1000, 0)
     widths = {name: {field: getattr(bench.method_config(config, name), field)
                      for field in ("hidden_sizes", "actor_hidden_sizes", "critic_hidden_sizes", "vae_hidden_sizes")
-                     if hasattr(bench.method_config(config, name), field)} for name in bench.METHODS}
+                     if hasattr(bench.method_config(config, name), field)} for name in bench.METHODS if name != "cdt"}
     for name, fields in widths.items():
         expected = (64, 64, 64) if name in ("atac", "satac") else (64, 64)
         assert fields and set(fields.values()) == {expected}, (name, fields)
@@ -160,6 +161,10 @@ def test_the_cpu_tables_config_file_gives_the_documented_settings():
         "BallRun", "safe", "returns", 0.1, 10.0)
     assert satac.safe_fraction == 1.0  # the command line wins over the file
     assert satac.num_updates == 4000 and bench.method_config(config, "bear_lag").num_updates == 4000
+    transformer = bench.method_config(config, "cdt")
+    assert (transformer.embedding_dim, transformer.num_layers, transformer.batch_size, transformer.num_updates) == (
+        64, 3, 256, 4000)
+    assert transformer.learning_rate_warmup == 500  # not the ATAC / SATAC warm start
 
 
 def test_bad_settings_are_refused():

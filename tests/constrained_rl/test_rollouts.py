@@ -8,7 +8,7 @@ import pytest
 
 from constrained_rl.config import ConfigError
 from constrained_rl.envs.wrappers import wrap
-from constrained_rl.rollouts import evaluate_episodes, rollout
+from constrained_rl.rollouts import HistoryPolicy, evaluate_episodes, evaluate_history_episodes, rollout
 from tests.constrained_rl.envs.toy_env import CountingEnv
 
 
@@ -72,3 +72,22 @@ class EvaluateTest(chex.TestCase):
         env = wrap(CountingEnv(), batch_size=2)
         with pytest.raises(ConfigError, match="env"):
             evaluate_episodes(env, constant_policy, jnp.array(0.0), jax.random.PRNGKey(0), 2)
+
+
+def test_a_history_policy_plays_the_same_episodes_as_its_memoryless_twin():
+    # A random policy acting on its memory, which is the latest observation: the same keys give the same
+    # episodes as evaluate_episodes, early termination masked alike.
+    env = wrap(CountingEnv(episode_length=6, terminate_at=4), auto_reset=False)
+
+    def random_policy(params, obs, key):
+        return params * jax.random.uniform(key, obs.shape[:-1] + (1,)), {}
+
+    def act(params, memory, key):
+        return random_policy(params, memory, key)[0], memory
+
+    history = HistoryPolicy(start=lambda params, obs: obs, act=act,
+                            remember=lambda params, memory, step: step.next_obs)
+    memoryless = evaluate_episodes(env, random_policy, jnp.array(2.0), jax.random.PRNGKey(3), 5)
+    remembered = evaluate_history_episodes(env, history, jnp.array(2.0), jax.random.PRNGKey(3), 5)
+    chex.assert_trees_all_equal(remembered, memoryless)
+    assert np.all(np.asarray(memoryless.length) == 4.0)

@@ -233,14 +233,21 @@ def trajectories(config: Config, dataset: dsrl.OfflineDataset) -> Trajectories:
     relabelled = relabel_targets(episodes.reward_returns, episodes.cost_returns, rng, config.augment_fraction,
                                  config.frontier_degree, config.min_reward_above_frontier, config.max_reward,
                                  config.max_reward_decrease, config.neighbour_beta)
-    weights = np.maximum(0.0, config.cost_offset - np.concatenate([episodes.cost_returns, relabelled.target_cost]))
-    require(weights.sum() > 0, "cost_offset",
+    data = Trajectories(episodes, relabelled)
+    require(sampling_weights(config, data).sum() > 0, "cost_offset",
             f"every trajectory's cost return is >= {config.cost_offset:g}, so none would be sampled; raise it")
-    return Trajectories(episodes, relabelled)
+    return data
 
 
-def prepare(config: Config, trajectories: Trajectories, dataset: dsrl.OfflineDataset) -> SequenceData:
-    episodes, relabelled = trajectories
+def sampling_weights(config: Config, data: Trajectories) -> np.ndarray:
+    """``max(0, cost_offset - C_0)`` per trajectory (episodes, then relabelled): OSRL's cost sampling."""
+    return np.maximum(0.0, config.cost_offset - np.concatenate([data.episodes.cost_returns,
+                                                                data.relabelled.target_cost]))
+
+
+def prepare(config: Config, data: Trajectories, dataset: dsrl.OfflineDataset) -> SequenceData:
+    """The device arrays segments are sampled from (host-side, once per training session)."""
+    episodes, relabelled = data
     rewards = np.asarray(dataset.rewards, np.float64)
     costs = np.asarray(dataset.costs, np.float64)
     # Returns-to-go as differences of prefix sums: sum_{i=t}^{end-1} x_i = P[end] - P[t].
@@ -259,7 +266,7 @@ def prepare(config: Config, trajectories: Trajectories, dataset: dsrl.OfflineDat
                                    relabelled.target_reward - episodes.reward_returns[source]])
     cost_shift = np.concatenate([np.zeros(episodes.num_episodes),
                                  relabelled.target_cost - episodes.cost_returns[source]])
-    weights = np.maximum(0.0, config.cost_offset - np.concatenate([episodes.cost_returns, relabelled.target_cost]))
+    weights = sampling_weights(config, data)
     with np.errstate(divide="ignore"):
         log_weights = np.log(weights / weights.sum())
     return SequenceData(

@@ -482,7 +482,4 @@ def builder(config: Config, dataset: dsrl.OfflineDataset) -> offline.MakeAlgorit
 
 def run(config: Config, ctx) -> dict[str, Any]:
     """Trains CDT once per seed and scores it under every cost limit; returns the DSRL scores."""
-    dataset = offline.load_dataset(config, ctx)
-    session = offline.make_session(config, dataset, builder(config, dataset), config.dataset or "collected dataset")
-    state = offline.train(config, ctx, session)
-    return offline.final_summary(config, session, state)
+    return offline.run_built(config, ctx, builder)

@@ -347,10 +347,11 @@ def make_algorithm(config: Config, problem: offline.Problem, statistics: Dataset
     return offline.Algorithm(init, (offline.Phase("train", update, config.num_updates),), policy)
 
 
+def builder(config: Config, dataset: dsrl.OfflineDataset) -> offline.MakeAlgorithm:
+    """The scaffold's ``make_algorithm`` for ``dataset`` (its statistics, computed once)."""
+    return functools.partial(make_algorithm, statistics=dataset_statistics(dataset))
+
+
 def run(config: Config, ctx) -> dict:
     """offline.run, with the dataset statistics COptiDICE's learner is built with."""
-    dataset = offline.load_dataset(config, ctx)
-    make = functools.partial(make_algorithm, statistics=dataset_statistics(dataset))
-    session = offline.make_session(config, dataset, make, config.dataset or "collected dataset")
-    state = offline.train(config, ctx, session)
-    return offline.final_summary(config, session, state)
+    return offline.run_built(config, ctx, builder)

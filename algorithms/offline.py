@@ -175,6 +175,9 @@ class Variant(NamedTuple):
 
 
 MakeAlgorithm = Callable[[Any, Problem], Algorithm]
+# (config, dataset) -> make_algorithm: a learner built with facts of its data (COptiDICE's statistics,
+# CDT's relabelled trajectories).
+Builder = Callable[[Any, dsrl.OfflineDataset], MakeAlgorithm]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -530,7 +533,12 @@ def final_summary(config: OfflineConfig, session: Session, state: RunState) -> d
 
 def run(config: OfflineConfig, ctx, make_algorithm: MakeAlgorithm) -> dict[str, Any]:
     """The experiment of any offline learner: data, training, final DSRL scores."""
+    return run_built(config, ctx, lambda config, dataset: make_algorithm)
+
+
+def run_built(config: OfflineConfig, ctx, builder: Builder) -> dict[str, Any]:
+    """:func:`run` for a learner built from its dataset: ``builder(config, dataset)``."""
     dataset = load_dataset(config, ctx)
-    session = make_session(config, dataset, make_algorithm, config.dataset or "collected dataset")
+    session = make_session(config, dataset, builder(config, dataset), config.dataset or "collected dataset")
     state = train(config, ctx, session)
     return final_summary(config, session, state)

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -63,16 +62,12 @@ class Method(NamedTuple):
 
     label: str
     config_cls: type
-    # (method config, dataset) -> the scaffold's make_algorithm (COptiDICE needs dataset statistics)
-    builder: Callable[[Any, dsrl.OfflineDataset], offline.MakeAlgorithm]
+    # (method config, dataset) -> the scaffold's make_algorithm (COptiDICE and CDT need their data)
+    builder: offline.Builder
 
 
 def _fixed(make_algorithm: offline.MakeAlgorithm):
     return lambda config, dataset: make_algorithm
-
-
-def _coptidice(config: coptidice.Config, dataset: dsrl.OfflineDataset) -> offline.MakeAlgorithm:
-    return functools.partial(coptidice.make_algorithm, statistics=coptidice.dataset_statistics(dataset))
 
 
 METHODS: dict[str, Method] = {
@@ -81,7 +76,7 @@ METHODS: dict[str, Method] = {
     "bcq_lag": Method("BCQ-Lag", bcq_lag.Config, _fixed(bcq_lag.make_algorithm)),
     "bear_lag": Method("BEAR-Lag", bear_lag.Config, _fixed(bear_lag.make_algorithm)),
     "cpq": Method("CPQ", cpq.Config, _fixed(cpq.make_algorithm)),
-    "coptidice": Method("COptiDICE", coptidice.Config, _coptidice),
+    "coptidice": Method("COptiDICE", coptidice.Config, coptidice.builder),
     "cdt": Method("CDT", cdt.Config, cdt.builder),
     "atac": Method("ATAC", satac.ATACConfig, _fixed(satac.make_algorithm)),
     "satac": Method("SATAC", satac.Config, _fixed(satac.make_algorithm)),

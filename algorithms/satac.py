@@ -11,8 +11,8 @@ A Stackelberg game per update, the critics (followers) first, then the actor (le
   unless ``cost_beta`` sets it apart;
 * both Bellman errors are ATAC's mix ``0.5 * TD + 0.5 * residual``: the TD part regresses on
   ``r + gamma (1 - d) min_e f_r^target(s', a')`` (cost: ``c + gamma (1 - d) max_e f_c^target(s', a')``,
-  pessimistic for safety), ``a' ~ pi(s')``; the residual part on ``r + gamma (1 - d) f(s', a')`` with the
-  gradient through ``f(s', a')``. After every step each head's weight matrices are projected onto the
+  pessimistic for safety; ``cost_target = mean`` averages the twin targets instead), ``a' ~ pi(s')``;
+  the residual part on ``r + gamma (1 - d) f(s', a')`` with the gradient through ``f(s', a')``. After every step each head's weight matrices are projected onto the
   L2 ball of radius 100 and the targets move by Polyak averaging (tau 5e-3);
 * **actor**, tanh-Gaussian: ``normalized_sum(-objective, -entropy, alpha)`` with
 
@@ -24,7 +24,9 @@ A Stackelberg game per update, the critics (followers) first, then the actor (le
   ``a_ref``: the dataset action (``behaviour``), a BC-Safe policy trained first on the episodes within
   the run's cost limit, or within ``safe_fraction`` of it, optionally only the ``top_reward_fraction``
   of those with the highest reward returns (``bc_safe``), or the absolute per-step threshold
-  ``kappa (1 - gamma^T) / ((1 - gamma) T)`` in place of ``f_c(s, a_ref)`` (``threshold``);
+  ``kappa (1 - gamma^T) / ((1 - gamma) T)`` in place of ``f_c(s, a_ref)`` (``threshold``); with
+  ``threshold_floor`` the reference value is ``max(f_c(s, a_ref), threshold)``, so a reference
+  cheaper than the limit leaves the actor the limit's slack;
 * ``alpha`` auto-tuned toward the target entropy ``-|A|`` (loss ``log_alpha * (H - target)``);
 * ``lambda`` fixed (the paper's) or moved by a :mod:`constrained_rl.lagrangian` rule on the policy's
   estimated cost value ``mean_b max_e f_c(s_b, pi(s_b))`` against the per-step threshold.
@@ -59,6 +61,7 @@ MultiplierRuleName = Literal["fixed", "ascent", "pid"]
 WarmupData = Literal["all", "safe"]
 CriticWarmup = Literal["bellman", "returns"]
 PenaltyAction = Literal["sample", "mode"]
+CostTarget = Literal["max", "mean"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Config(offline.OfflineConfig):
     reference: Reference = "bc_safe"  # a_ref of the actor penalty: behaviour, bc_safe or threshold
     cost_weight: float = 1.0  # lambda: the fixed penalty weight, or the initial one under a rule
     penalty_action: PenaltyAction = "sample"  # the actor's action in the penalty: a sample of pi, or its mode
+    threshold_floor: bool = False  # the actor pays only above max(f_c(s, a_ref), per-step threshold)
+    cost_target: CostTarget = "max"  # twin reduction in the cost critic's Bellman target: max or mean
     multiplier_rule: MultiplierRuleName = "fixed"  # fixed (SATAC), ascent (projected SGD) or pid
     multiplier_lr: float = 0.01  # step size of the ascent rule
     multiplier_max: float = 100.0  # upper clamp of lambda under a rule
@@ -108,6 +113,8 @@ class Config(offline.OfflineConfig):
                 f"must be bellman or returns (got {self.critic_warmup!r})")
         require(self.penalty_action in ("sample", "mode"), "penalty_action",
                 f"must be sample or mode (got {self.penalty_action!r})")
+        require(self.cost_target in ("max", "mean"), "cost_target",
+                f"must be max or mean (got {self.cost_target!r})")
         require(self.multiplier_rule in ("fixed", "ascent", "pid"), "multiplier_rule",
                 f"must be fixed, ascent or pid (got {self.multiplier_rule!r})")
         for name in ("actor_learning_rate", "critic_learning_rate", "alpha_learning_rate", "init_alpha",
@@ -147,7 +154,7 @@ class Config(offline.OfflineConfig):
         """Whether training depends on kappa: through the reference, the threshold, the rule or the
         warm start's data."""
         return self.warmup_data == "safe" or self.use_cost_critic and (
-            self.reference != "behaviour" or self.multiplier_rule != "fixed")
+            self.reference != "behaviour" or self.multiplier_rule != "fixed" or self.threshold_floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,8 +370,9 @@ def _critic_targets(learner: Learner, state: SATACState, batch: TransitionBatch,
         signals[0], discounts, critics.double_q_min(nets.reward_critic.apply(state.reward_target, observations, actions)))
     if not config.use_cost_critic:
         return reward_target, None
-    cost_target = critics.bellman_target(
-        signals[1], discounts, critics.double_q_max(nets.cost_critic.apply(state.cost_target, observations, actions)))
+    next_cost = nets.cost_critic.apply(state.cost_target, observations, actions)
+    next_cost = critics.double_q_max(next_cost) if config.cost_target == "max" else jnp.mean(next_cost, axis=0)
+    cost_target = critics.bellman_target(signals[1], discounts, next_cost)
     return reward_target, cost_target
 
 
@@ -436,17 +444,21 @@ def _alpha_step(learner: Learner, state: SATACState, log_probs: jax.Array, warm:
 
 
 def reference_cost(learner: Learner, state: SATACState, batch: TransitionBatch) -> jax.Array:
-    """``Q_c(s, a_ref)`` per sample (the threshold itself for ``threshold``), gradient stopped."""
+    """``Q_c(s, a_ref)`` per sample (the threshold itself for ``threshold``), gradient stopped; with
+    ``threshold_floor``, ``max(Q_c(s, a_ref), threshold)``: a reference cheaper than the limit does not
+    take the limit's slack away from the actor."""
     config, nets = learner.config, learner.networks
+    threshold = jnp.broadcast_to(cost_threshold(learner, state), batch.rewards.shape)
     if config.reference == "threshold":
-        return jnp.broadcast_to(cost_threshold(learner, state), batch.rewards.shape)
+        return threshold
     if config.reference == "bc_safe":
         mean, _ = nets.actor.apply(state.reference.actor, batch.observations)
         reference_actions = distributions.tanh_gaussian_mode(mean)
     else:
         reference_actions = batch.actions
-    q = nets.cost_critic.apply(state.cost_critic, batch.observations, reference_actions)
-    return jax.lax.stop_gradient(critics.double_q_max(q))
+    q = jax.lax.stop_gradient(critics.double_q_max(
+        nets.cost_critic.apply(state.cost_critic, batch.observations, reference_actions)))
+    return jnp.maximum(q, threshold) if config.threshold_floor else q
 
 
 def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax.Array,

@@ -368,3 +368,35 @@ def test_hold_trains_the_critics_alone_as_the_adversarial_step_does():
     assert {p.name: p.num_updates for p in satac.make_algorithm(satac.Config(), problem).phases}["hold"] == 0
     with pytest.raises(ConfigError, match="actor_hold_updates"):
         satac.Config(actor_hold_updates=150, updates_per_chunk=100)
+
+
+def test_threshold_floor_lets_the_actor_spend_down_to_the_threshold():
+    """``threshold_floor``: the penalty's reference value is ``max(g(s, a_ref), threshold)``."""
+    learner, state, batch, _ = _warm_learner(reference="behaviour", threshold_floor=True)
+    plain_learner, _, _, _ = _warm_learner(reference="behaviour")
+    threshold = satac.cost_threshold(learner, state)
+    plain = satac.reference_cost(plain_learner, state, batch)
+    floored = satac.reference_cost(learner, state, batch)
+    np.testing.assert_allclose(floored, jnp.maximum(plain, threshold), rtol=1e-6)
+    assert float(jnp.min(plain)) < float(threshold)  # the floor is active on this batch
+    assert satac.Config(reference="behaviour", threshold_floor=True).uses_cost_limit
+    assert not satac.Config(reference="behaviour").uses_cost_limit
+
+
+def test_mean_cost_target_averages_the_twin_targets():
+    """``cost_target = mean``: the cost critic's TD target is ``c + gamma (1 - d) mean_e g^target``."""
+    learner, state, batch, _ = _warm_learner(cost_target="mean")
+    max_learner, _, _, _ = _warm_learner()
+    # Move one target head away from the other so that max and mean differ.
+    state = state.replace(cost_target=jax.tree.map(lambda p: p.at[0].add(0.3), state.cost_target))
+    nonterminal = batch._replace(terminals=jnp.zeros_like(batch.terminals))
+    next_actions = jnp.full((64, 2), 0.2)
+    _, mean_target = satac._critic_targets(learner, state, nonterminal, next_actions, None)
+    _, max_target = satac._critic_targets(max_learner, state, nonterminal, next_actions, None)
+    q_next = learner.networks.cost_critic.apply(state.cost_target, batch.next_observations, next_actions)
+    gamma = learner.config.discount
+    np.testing.assert_allclose(mean_target, batch.costs + gamma * jnp.mean(q_next, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(max_target, batch.costs + gamma * jnp.max(q_next, 0), rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(mean_target - max_target))) > 1e-3
+    with pytest.raises(ConfigError, match="cost_target"):
+        satac.Config(cost_target="min")

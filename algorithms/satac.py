@@ -12,8 +12,9 @@ A Stackelberg game per update, the critics (followers) first, then the actor (le
 * both Bellman errors are ATAC's mix ``0.5 * TD + 0.5 * residual``: the TD part regresses on
   ``r + gamma (1 - d) min_e f_r^target(s', a')`` (cost: ``c + gamma (1 - d) max_e f_c^target(s', a')``,
   pessimistic for safety; ``cost_target = mean`` averages the twin targets instead), ``a' ~ pi(s')``;
-  the residual part on ``r + gamma (1 - d) f(s', a')`` with the gradient through ``f(s', a')``. After every step each head's weight matrices are projected onto the
-  L2 ball of radius 100 and the targets move by Polyak averaging (tau 5e-3);
+  the residual part on ``r + gamma (1 - d) f(s', a')`` with the gradient through ``f(s', a')``. After
+  every step each head's weight matrices are projected onto the L2 ball of radius 100 and the targets
+  move by Polyak averaging (tau 5e-3);
 * **actor**, tanh-Gaussian: ``normalized_sum(-objective, -entropy, alpha)`` with
 
       objective = mean[f_r(s, pi(s))] - lambda * mean[ f_c(s, pi(s)) - f_c(s, a_ref) ]^+
@@ -135,6 +136,8 @@ class Config(offline.OfflineConfig):
         require(0 <= self.td_weight <= 1, "td_weight", f"must be in [0, 1] (got {self.td_weight})")
         require(len(self.hidden_sizes) >= 1 and all(w >= 1 for w in self.hidden_sizes), "hidden_sizes",
                 f"must be one or more positive widths (got {self.hidden_sizes})")
+        require(not self.threshold_floor or (self.use_cost_critic and self.reference != "threshold"),
+                "threshold_floor", "needs a reference action (reference = behaviour or bc_safe) and the cost critic")
         require(not self.actor_from_reference or self.trains_reference, "actor_from_reference",
                 "needs the BC-Safe reference (reference = bc_safe, with the cost critic on)")
         offline.require_whole_chunks(self, "warmup_updates")
@@ -370,9 +373,9 @@ def _critic_targets(learner: Learner, state: SATACState, batch: TransitionBatch,
         signals[0], discounts, critics.double_q_min(nets.reward_critic.apply(state.reward_target, observations, actions)))
     if not config.use_cost_critic:
         return reward_target, None
-    next_cost = nets.cost_critic.apply(state.cost_target, observations, actions)
-    next_cost = critics.double_q_max(next_cost) if config.cost_target == "max" else jnp.mean(next_cost, axis=0)
-    cost_target = critics.bellman_target(signals[1], discounts, next_cost)
+    reduce_heads = critics.double_q_max if config.cost_target == "max" else critics.double_q_mean
+    cost_target = critics.bellman_target(
+        signals[1], discounts, reduce_heads(nets.cost_critic.apply(state.cost_target, observations, actions)))
     return reward_target, cost_target
 
 

@@ -73,6 +73,13 @@ def double_q_max(q_ensemble: chex.Array) -> jax.Array:
     return jnp.max(q_ensemble, axis=0)
 
 
+def double_q_mean(q_ensemble: chex.Array) -> jax.Array:
+    """``mean_e Q_e`` over the leading ensemble axis ``[E, B] -> [B]``: a target without the upward
+    bias of ``max_e``, which bootstrapping would otherwise compound (SATAC's ``cost_target = mean``)."""
+    chex.assert_rank(q_ensemble, {2, 3})
+    return jnp.mean(q_ensemble, axis=0)
+
+
 def td_error_loss(q: chex.Array, target: chex.Array) -> jax.Array:
     """``mean_b (Q(s_b, a_b) - target_b)^2`` with the target's gradient stopped (semi-gradient TD)."""
     return _mean_squared_error(q, jax.lax.stop_gradient(target))

@@ -380,7 +380,9 @@ def test_threshold_floor_lets_the_actor_spend_down_to_the_threshold():
     np.testing.assert_allclose(floored, jnp.maximum(plain, threshold), rtol=1e-6)
     assert float(jnp.min(plain)) < float(threshold)  # the floor is active on this batch
     assert satac.Config(reference="behaviour", threshold_floor=True).uses_cost_limit
-    assert not satac.Config(reference="behaviour").uses_cost_limit
+    for meaningless in (dict(reference="threshold"), dict(use_cost_critic=False)):
+        with pytest.raises(ConfigError, match="threshold_floor"):
+            satac.Config(threshold_floor=True, **meaningless)
 
 
 def test_mean_cost_target_averages_the_twin_targets():

@@ -33,6 +33,7 @@ class BellmanTest(chex.TestCase):
         q_ensemble = jnp.array([[1.0, 5.0, -2.0], [3.0, 4.0, -1.0]])
         np.testing.assert_array_equal(self.variant(critics.double_q_min)(q_ensemble), [1.0, 4.0, -2.0])
         np.testing.assert_array_equal(self.variant(critics.double_q_max)(q_ensemble), [3.0, 5.0, -1.0])
+        np.testing.assert_array_equal(self.variant(critics.double_q_mean)(q_ensemble), [2.0, 4.5, -1.5])
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_losses_by_hand(self):

@@ -29,7 +29,7 @@ if "jax" not in sys.modules and "--xla_force_host_platform_device_count" not in 
 
 import jax  # noqa: E402
 
-from algorithms.ppo_lag import train as ppo_lag  # noqa: E402
+from algorithms.control.ppo_lag import train as ppo_lag  # noqa: E402
 from constrained_rl import parallel  # noqa: E402
 
 

@@ -28,7 +28,7 @@ import jax
 from brax.training.agents.ppo import networks as brax_ppo_networks
 from brax.training.agents.ppo import train as brax_ppo
 
-from algorithms.ppo_lag import train as ppo_lag
+from algorithms.control.ppo_lag import train as ppo_lag
 
 ENV_NAMES = {"halfcheetah": "HalfCheetahVelocity", "ant": "AntVelocity"}
 

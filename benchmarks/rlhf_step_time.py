@@ -1,6 +1,6 @@
 """Time of one LM RL step split into generation, scoring and update; RePO's step against PPO-Lag's.
 
-Both learners run the shared machinery of ``algorithms.rlhf_ppo`` and differ only in their cost signal, so
+Both learners run the shared machinery of ``algorithms.llm.rlhf_ppo`` and differ only in their cost signal, so
 RePO's per-prompt gate (a segment mean over the K responses of each prompt and a gather) should cost next
 to nothing: the target is RePO's full step within 1.05x of Safe-RLHF's on the same batch.
 
@@ -24,7 +24,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from algorithms import llm_common, repo, rlhf_ppo, safe_rlhf
+from algorithms.llm import common, repo, rlhf_ppo, safe_rlhf
 from constrained_rl.data import synthetic_safety
 from constrained_rl.data.preference import tokenize_prompts
 from constrained_rl.models import llama
@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     task = synthetic_safety.SyntheticSafetyTask()
-    actor = llama.LlamaForCausalLM(llm_common.synthetic_llama_config(task.tokenizer))
+    actor = llama.LlamaForCausalLM(common.synthetic_llama_config(task.tokenizer))
     params = llama.init_params(actor, jax.random.PRNGKey(0))
     critic, critic_params = rlhf_ppo.critic_from_backbone(actor, params, jax.random.PRNGKey(1))
     models = rlhf_ppo.RLHFModels(actor, critic, critic, rlhf_ppo.exact_scorer(synthetic_safety.ground_truth_reward),

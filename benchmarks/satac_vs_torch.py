@@ -1,6 +1,6 @@
 """SATAC gradient updates per second: our jitted chunk against a plain PyTorch loop, and seeds vmapped.
 
-Both sides run the same update (algorithms/satac.py, main phase, bc_safe reference): twin reward and
+Both sides run the same update (algorithms/control/satac.py, main phase, bc_safe reference): twin reward and
 twin cost critics and a tanh-Gaussian actor, 3 x 256 ReLU MLPs, batch 256, Adam, ATAC's 0.5 TD +
 0.5 residual Bellman error, relative pessimism, L2-ball projection and Polyak targets, alpha tuning,
 the rectified cost penalty against a reference actor. PyTorch samples its minibatches from a
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from algorithms import offline, satac
+from algorithms.control import offline, satac
 from constrained_rl.data import dsrl
 
 OBS, ACT, BATCH, ROWS = 8, 2, 256, 50_000

@@ -1,7 +1,7 @@
 """Calibrate a Brax velocity-task speed threshold by Safety-Gymnasium's rule, with the project's own PPO.
 
 Safety-Gymnasium (Ji et al. 2023) sets each velocity threshold at 50% of the top speed reached by a
-PPO policy trained for 1e7 steps. This script trains plain PPO (``algorithms.ppo_lag`` with the
+PPO policy trained for 1e7 steps. This script trains plain PPO (``algorithms.control.ppo_lag`` with the
 multiplier held at 0, so the cost never enters the policy loss) on the velocity task with an infinite
 threshold, rolls out the deterministic policy (``tanh`` of the mean) and prints, as one JSON line,
 
@@ -32,8 +32,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from algorithms.ppo_lag import ppo
-from algorithms.ppo_lag import train as ppo_train
+from algorithms.control.ppo_lag import ppo
+from algorithms.control.ppo_lag import train as ppo_train
 from constrained_rl.config import require
 from constrained_rl.envs import velocity
 from constrained_rl.envs.velocity import VelocityEnv

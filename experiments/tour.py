@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from algorithms import bc, collect, offline_benchmark, rlhf_pipeline, satac
+from algorithms.control import bc, collect, offline_benchmark, satac
+from algorithms.llm import rlhf_pipeline
 
 
 def _tour_collection() -> collect.Config:

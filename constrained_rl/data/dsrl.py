@@ -182,48 +182,6 @@ def take_transitions(dataset: OfflineDataset, indices: jax.Array) -> TransitionB
     )
 
 
-def per_step_cost_threshold(
-    cost_limit: float | jax.Array, gamma: float | jax.Array, episode_length: int | jax.Array
-) -> jax.Array:
-    """The cost-value threshold OSRL's Q-based learners (BCQ-Lag, BEAR-Lag, CPQ) compare Q_c against.
-
-    If the episodic budget ``kappa`` is spent evenly, ``kappa / T`` per step over ``T`` steps, the
-    discounted cost value from the first state is
-
-        kappa * (1 - gamma^T) / ((1 - gamma) * T),
-
-    which tends to ``kappa`` as ``gamma -> 1`` (the undiscounted sum) and equals ``kappa / T`` at
-    ``gamma = 0``. Computed as ``expm1(T log gamma) / expm1(log gamma)`` so that gamma near 1 loses no
-    precision to cancellation; exactly ``kappa`` at ``gamma = 1``. Scalars (or broadcastable arrays).
-    """
-    _check_concrete_range(cost_limit, "cost_limit", low=0.0)
-    _check_concrete_range(gamma, "gamma", low=0.0, high=1.0)
-    _check_concrete_range(episode_length, "episode_length", low=1.0)
-    gamma = jnp.asarray(gamma, jnp.float32)
-    horizon = jnp.asarray(episode_length, jnp.float32)
-    undiscounted = gamma >= 1.0
-    # The other branch of the where must stay finite at gamma = 1 for gradients to stay finite.
-    log_gamma = jnp.log(jnp.where(undiscounted, 0.5, gamma))
-    geometric_sum = jnp.expm1(horizon * log_gamma) / jnp.expm1(log_gamma)
-    geometric_sum = jnp.where(undiscounted, horizon, geometric_sum)
-    return jnp.asarray(cost_limit, jnp.float32) * geometric_sum / horizon
-
-
-def _check_concrete_range(
-    value: Any, field: str, low: float | None = None, high: float | None = None
-) -> None:
-    # Traced values (a vmapped sweep over limits) cannot be checked on the host; the caller owns them.
-    if isinstance(value, jax.core.Tracer):
-        return
-    array = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(array)):
-        raise ConfigError(f"{field}: must be finite, got {value}")
-    if low is not None and np.any(array < low):
-        raise ConfigError(f"{field}: must be >= {low}, got {value}")
-    if high is not None and np.any(array > high):
-        raise ConfigError(f"{field}: must be <= {high}, got {value}")
-
-
 # --------------------------------------------------------------------------------------------------
 # Episodes (host-side, once at load time)
 

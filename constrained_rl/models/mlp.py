@@ -6,13 +6,16 @@ They hold no training logic: losses live in ``constrained_rl`` primitives and in
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from constrained_rl import distributions
+
 Activation = Callable[[jax.Array], jax.Array]
+Params = Any
 
 
 class MLP(nn.Module):
@@ -98,3 +101,34 @@ class QEnsemble(nn.Module):
         )
         inputs = jnp.concatenate([observation, action], axis=-1)
         return ensemble(self.hidden_sizes, 1, self.activation)(inputs)[..., 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers of the tanh-Gaussian actor (BC, ATAC, SATAC and the OSRL baselines' evaluation)
+
+
+def state_dependent_actor(action_size: int, hidden_sizes: Sequence[int]) -> GaussianActor:
+    """The tanh-Gaussian actor shared by BC, ATAC and SATAC (ReLU, state-dependent log-std)."""
+    return GaussianActor(tuple(hidden_sizes), action_size, state_dependent_std=True)
+
+
+def init_actor(actor: GaussianActor, key: jax.Array, observation_size: int) -> Params:
+    return actor.init(key, jnp.zeros((1, observation_size), jnp.float32))
+
+
+def actor_log_likelihood(actor: GaussianActor, params: Params, observations: jax.Array,
+                   actions: jax.Array) -> jax.Array:
+    """``log pi(a_b | s_b)`` of dataset actions under the tanh-Gaussian actor, shape ``[B]``."""
+    mean, log_std = actor.apply(params, observations)
+    return distributions.tanh_gaussian_log_prob(mean, log_std, actions)
+
+
+def mode_policy(actor: GaussianActor, params_of=lambda state: state.actor):
+    """The evaluation policy ``tanh(mean(s))``; ``params_of`` picks the actor out of a learner state."""
+
+    def policy(state: Any, observation: jax.Array, key: jax.Array):
+        del key
+        mean, _ = actor.apply(params_of(state), observation)
+        return distributions.tanh_gaussian_mode(mean), {}
+
+    return policy

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 
 from constrained_rl import returns
+from constrained_rl.config import ConfigError
 
 
 class ReturnsByHandTest(chex.TestCase):
@@ -153,3 +154,79 @@ def test_sequence_gae_ignores_padding(rewards, values, garbage, mask, gamma):
         want = _reference_gae(rewards[row, valid], values[row, valid], gamma, 0.95)
         np.testing.assert_allclose(advantages[row, valid], want, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(targets[row, valid], want + values[row, valid], rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-step cost threshold
+
+
+class PerStepCostThresholdTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_by_hand(self):
+        threshold = self.variant(returns.per_step_cost_threshold)
+        # kappa (1 - gamma^T) / ((1 - gamma) T): 10 * 0.75 / (0.5 * 2) = 7.5
+        np.testing.assert_allclose(threshold(10.0, 0.5, 2), 7.5, rtol=1e-6)
+        # 20 * (1 - 0.9^3) / (0.1 * 3) = 20 * 0.271 / 0.3
+        np.testing.assert_allclose(threshold(20.0, 0.9, 3), 20 * 0.271 / 0.3, rtol=1e-5)
+        np.testing.assert_allclose(threshold(10.0, 1.0, 300), 10.0, rtol=1e-6)
+        np.testing.assert_allclose(threshold(10.0, 0.0, 300), 10.0 / 300, rtol=1e-6)
+        np.testing.assert_allclose(threshold(0.0, 0.99, 300), 0.0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gamma_to_one_approaches_the_limit_without_cancellation(self):
+        threshold = self.variant(returns.per_step_cost_threshold)
+        for gap in (1e-2, 1e-4, 1e-6):
+            gamma = np.float32(1.0 - gap)
+            g = np.float64(gamma)
+            exact = 40.0 * (1 - g**300) / ((1 - g) * 300)
+            np.testing.assert_allclose(threshold(40.0, gamma, 300), exact, rtol=2e-5)
+        np.testing.assert_allclose(threshold(40.0, np.float32(1 - 1e-6), 300), 40.0, rtol=2e-4)
+
+    def test_vmaps_over_limits_and_has_finite_gradient_at_gamma_one(self):
+        limits = jnp.array([10.0, 20.0, 40.0])
+        values = jax.vmap(returns.per_step_cost_threshold, in_axes=(0, None, None))(limits, 0.99, 200)
+        np.testing.assert_allclose(values, limits * (1 - 0.99**200) / (0.01 * 200), rtol=1e-5)
+        assert np.isfinite(jax.grad(returns.per_step_cost_threshold, argnums=1)(10.0, 1.0, 200))
+
+    def test_bad_values_are_refused(self):
+        bad = {"gamma": (10.0, 1.5, 300), "episode_length": (10.0, 0.9, 0), "cost_limit": (-1.0, 0.9, 300)}
+        for field, args in bad.items():
+            with pytest.raises(ConfigError, match=field):
+                returns.per_step_cost_threshold(*args)
+
+
+def test_returns_to_go_by_hand():
+    gamma = 0.5
+    dataset = with_returns_to_go(offline_dataset_from_arrays(make_arrays()), gamma)
+    returns = jax.device_get(dataset.returns)
+    # Episode [0, 3) ends terminal: no tail bootstrap. Rewards 1, 2, 3; costs 0, 1, 0.
+    np.testing.assert_allclose(returns.reward_returns[:3], [1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3])
+    np.testing.assert_allclose(returns.cost_returns[:3], [0.5, 1.0, 0.0])
+    np.testing.assert_allclose(returns.tail_discounts[:3], 0.0)
+    # Episode [3, 7) ends by timeout: bootstrap from s' of row 6 with gamma^(6 - t + 1).
+    np.testing.assert_allclose(returns.reward_returns[3:7], [0.5 * (1 + 0.5 + 0.25 + 0.125), 0.5 * 1.75, 0.75, 0.5])
+    np.testing.assert_allclose(returns.tail_discounts[3:7], [0.5 ** 4, 0.5 ** 3, 0.5 ** 2, 0.5])
+    np.testing.assert_array_equal(returns.tail_rows[3:7], 6)
+    # Row 9, after the last flagged row, is an episode cut at the end of the data.
+    assert returns.tail_rows[9] == 9 and returns.tail_discounts[9] == 0.5 and returns.cost_returns[9] == 5.0
+    np.testing.assert_array_equal(returns.tail_rows[7:9], 8)
+
+    batch = take_transitions(dataset, jnp.array([4, 0]))
+    np.testing.assert_allclose(batch.returns.tail_observations, np.asarray(dataset.next_observations)[[6, 2]])
+    np.testing.assert_allclose(batch.returns.tail_discounts, [0.125, 0.0])
+    assert take_transitions(offline_dataset_from_arrays(make_arrays()),
+                                 jnp.array([0])).returns is None
+
+
+def test_scaled_batch_scales_signals_and_their_returns_only():
+    dataset = with_returns_to_go(offline_dataset_from_arrays(make_arrays()), 0.5)
+    batch = take_transitions(dataset, jnp.array([4, 0]))
+    scaled = jax.jit(lambda b: b.scaled(0.1, 2.0))(batch)
+    np.testing.assert_allclose(scaled.rewards, 0.1 * batch.rewards, rtol=1e-6)
+    np.testing.assert_allclose(scaled.costs, 2.0 * batch.costs, rtol=1e-6)
+    np.testing.assert_allclose(scaled.returns.reward_returns, 0.1 * batch.returns.reward_returns, rtol=1e-6)
+    np.testing.assert_allclose(scaled.returns.cost_returns, 2.0 * batch.returns.cost_returns, rtol=1e-6)
+    # Bootstrapping weights and states are not signals: unchanged.
+    np.testing.assert_array_equal(scaled.returns.tail_discounts, batch.returns.tail_discounts)
+    np.testing.assert_array_equal(scaled.observations, batch.observations)
+    assert take_transitions(offline_dataset_from_arrays(make_arrays()), jnp.array([0])).scaled(0.1, 1.0).returns is None

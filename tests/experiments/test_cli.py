@@ -1,7 +1,7 @@
 import dataclasses
 import typing
 
-from algorithms import offline_benchmark
+from algorithms.control import offline_benchmark
 from experiments.cli import describe_fields, field_comments
 
 

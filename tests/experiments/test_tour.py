@@ -6,7 +6,7 @@ import json
 
 from experiments import registry
 from experiments import run as runner
-from tests.algorithms.test_offline_benchmark import mixed_cost_file
+from tests.algorithms.control.test_offline_benchmark import mixed_cost_file
 
 TOY = [
     "--offline.preset", "quick", "--offline.num_seeds", "1", "--offline.eval_episodes", "2",

@@ -16,7 +16,7 @@ fake_devices()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from algorithms.ppo_lag import train as ppo_lag  # noqa: E402
+from algorithms.control.ppo_lag import train as ppo_lag  # noqa: E402
 from constrained_rl import lagrangian, parallel  # noqa: E402
 from constrained_rl.envs.navigation import make_navigation  # noqa: E402
 

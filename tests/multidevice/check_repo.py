@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from algorithms import repo, rlhf_ppo  # noqa: E402
+from algorithms.llm import repo, rlhf_ppo  # noqa: E402
 from constrained_rl import lagrangian, parallel  # noqa: E402
 from constrained_rl.data import synthetic_safety  # noqa: E402
 from constrained_rl.data.preference import tokenize_prompts  # noqa: E402

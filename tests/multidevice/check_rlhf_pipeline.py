@@ -3,7 +3,7 @@
 With ``ctx.mesh`` set (what ``--num-devices 8`` gives the runner: one ``"data"`` axis) the pipeline lays
 its models out by the Llama partition rules, ``"data"`` playing the fsdp role (``parallel.model_rules``):
 
-* SFT (``llm_common.fit``, shared with the reward and cost models): parameters and AdamW moments split;
+* SFT (``common.fit``, shared with the reward and cost models): parameters and AdamW moments split;
 * the RL stage: the seed-batched state (actor, both critics, their moments) split within each seed, the
   seed axis replicated; the frozen reference and the reward and cost models (``place_setup``) split.
 
@@ -24,7 +24,7 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from algorithms import llm_common, rlhf_pipeline, sft  # noqa: E402
+from algorithms.llm import common, rlhf_pipeline, sft  # noqa: E402
 from constrained_rl import parallel  # noqa: E402
 from constrained_rl.models import llama, score  # noqa: E402
 from experiments.context import RunContext  # noqa: E402
@@ -32,7 +32,7 @@ from experiments.context import RunContext  # noqa: E402
 # As in check_repo: Adam normalises each step, so float reassociation may move a weight by a fraction of
 # a learning rate (1e-3 here) where a gradient entry is near zero.
 RTOL, ATOL = 2e-4, 2e-4
-TRAINING = llm_common.Training(preset="quick", epochs=1, batch_size=16, max_length=16, steps_per_chunk=2,
+TRAINING = common.Training(preset="quick", epochs=1, batch_size=16, max_length=16, steps_per_chunk=2,
                                checkpoint_every=1, eval_batch_size=8)
 RL = rlhf_pipeline.Config(
     methods=("repo",), num_seeds=2, scorer="learned", synthetic_rows=48, synthetic_eval_prompts=8,
@@ -43,7 +43,7 @@ RL = rlhf_pipeline.Config(
 
 def base_model(directory: str) -> str:
     """A fresh 1-block Llama over the synthetic task's words, exported like an SFT model."""
-    source = llm_common.open_model_source(llm_common.Source(), "float32")
+    source = common.open_model_source(common.Source(), "float32")
     sizes = {**TINY_LLAMA, "num_hidden_layers": 1}
     del sizes["vocab_size"]  # the task's words
     config = dataclasses.replace(source.config, **sizes)
@@ -82,7 +82,7 @@ def main() -> None:
     assert jax.device_count() == NUM_DEVICES
     mesh = parallel.local_mesh(NUM_DEVICES)
     root = tempfile.mkdtemp()
-    source = llm_common.Source(model=base_model(os.path.join(root, "base")), synthetic_rows=48)
+    source = common.Source(model=base_model(os.path.join(root, "base")), synthetic_rows=48)
     contexts = {name: RunContext(os.path.join(root, name), progress=False, mesh=mesh if name == "sharded" else None)
                 for name in ("sharded", "single")}
 

@@ -16,7 +16,7 @@ fake_devices()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from algorithms import offline, satac  # noqa: E402
+from algorithms.control import offline, satac  # noqa: E402
 from constrained_rl import lagrangian, parallel  # noqa: E402
 from constrained_rl.data import dsrl  # noqa: E402
 

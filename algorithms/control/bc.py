@@ -1,0 +1,74 @@
+"""Behaviour cloning baselines of offline safe RL: BC-All and BC-Safe (OSRL, Liu et al. 2023).
+
+* **BC-All** imitates every transition of the dataset: it reproduces the average behaviour, safe and
+  unsafe alike.
+* **BC-Safe** imitates only the episodes whose cost return is within the cost limit,
+  ``C = sum_t c_t <= kappa``: a different dataset, hence a different policy, per cost limit. Under the
+  offline scaffold each limit's runs sample from their own safe episodes, all in one vmapped call.
+
+The policy is a tanh-squashed diagonal Gaussian (state-dependent std) fitted by maximum likelihood,
+
+    L(theta) = -mean_b log pi_theta(a_b | s_b),
+
+with ``log pi`` of a dataset action by :func:`constrained_rl.models.mlp.actor_log_likelihood`.
+OSRL's BC regresses a deterministic actor with a mean squared error instead; the likelihood is used
+here because it is the loss of ATAC/SATAC's warm start and of SATAC's BC-Safe reference policy, which
+are the same functions (``algorithms.control.cloning``), and because it also fits the spread of the behaviour. Evaluation acts
+with ``tanh(mean)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import optax
+
+from algorithms.control import cloning, offline
+from constrained_rl.config import require
+from constrained_rl.models import mlp
+
+@dataclasses.dataclass(frozen=True)
+class Config(offline.OfflineConfig):
+    """BC-All by default; ``data = "safe"`` gives BC-Safe. Defaults follow OSRL's BC."""
+
+    data: Literal["all", "safe"] = "all"  # imitate all transitions, or episodes with cost return <= kappa
+    hidden_sizes: tuple[int, ...] = (256, 256)  # actor MLP widths (OSRL: 2 x 256)
+    learning_rate: float = 1e-3  # Adam step size (OSRL BC: 1e-3)
+    batch_size: int = 512  # transitions per update (OSRL: 512)
+    num_updates: int = 100_000  # gradient updates (OSRL: 100k)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.data in ("all", "safe"), "data", f"must be 'all' or 'safe' (got {self.data!r})")
+        require(len(self.hidden_sizes) >= 1 and all(w >= 1 for w in self.hidden_sizes), "hidden_sizes",
+                f"must be one or more positive widths (got {self.hidden_sizes})")
+        require(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
+
+
+@dataclasses.dataclass(frozen=True)
+class SafeConfig(Config):
+    """BC-Safe: behaviour cloning on the episodes within each cost limit."""
+
+    data: Literal["all", "safe"] = "safe"  # imitate all transitions, or episodes with cost return <= kappa
+
+
+def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorithm:
+    actor = mlp.state_dependent_actor(problem.action_size, config.hidden_sizes)
+    optimizer = optax.adam(config.learning_rate)
+
+    def init(key: jax.Array, cost_limit: jax.Array) -> cloning.BCState:
+        del cost_limit  # it chooses the data (the rows sampled), not the state
+        return cloning.init_bc_state(actor, optimizer, key, problem.observation_size)
+
+    phase = offline.Phase("train", cloning.bc_update(actor, optimizer), config.num_updates, rows=config.data)
+    return offline.Algorithm(init, (phase,), mlp.mode_policy(actor), uses_cost_limit=config.data == "safe")
+
+
+def run(config: Config, ctx) -> dict[str, Any]:
+    """Trains BC-All or BC-Safe for every cost limit and seed; returns the DSRL scores."""
+    return offline.run(config, ctx, make_algorithm)
+
+
+BC_SAFE = offline.Variant(SafeConfig, run)

@@ -1,0 +1,481 @@
+"""PPO-Lagrangian training: config, train state, one jitted iteration, and the chunked loop.
+
+One iteration (Ray, Achiam & Amodei 2019, with PPO's update of Schulman et al. 2017):
+
+1. roll the stochastic policy out for ``unroll_length`` steps in ``num_envs`` environments;
+2. GAE for the reward and the cost streams (terminations stop the bootstrap; truncations bootstrap from
+   the true final observation; the recursion never crosses an episode boundary);
+3. the multiplier rule sees the mean episodic cost of the episodes completed in this rollout and the
+   cost limit (no completed episode: the multiplier state is held);
+4. ``num_epochs`` passes over the rollout in ``num_minibatches`` shuffled minibatches, each an Adam
+   step (after global-norm gradient clipping) on the PPO-Lagrangian loss of ``losses.py``.
+
+Everything is pure: :func:`train_iteration` maps a :class:`TrainState` to the next one, a chunk of
+iterations is one ``lax.scan`` (PureJaxRL / Brax style), and seeds are a leading ``vmap`` axis of the
+state. The cost limit lives in the state, one scalar per run, so a vmapped batch of runs can hold
+different limits (the dataset-collection sweep) and a host schedule can move it between chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from algorithms.control.ppo_lag import losses, networks as ppo_networks
+from constrained_rl import envs, lagrangian, returns, rollouts
+from constrained_rl.config import require, require_positive_integers
+from constrained_rl.envs.wrappers import tree_select
+
+MultiplierRuleName = Literal["ascent", "log_ascent", "pid", "fixed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """PPO-Lagrangian hyperparameters; defaults are sized for a BallCircle benchmark run."""
+
+    task: str = "BallCircle"  # environment name for constrained_rl.envs.make
+    seed: int = 0  # base PRNG seed; run i of num_seeds draws from fold_in(seed, i)
+    num_seeds: int = 1  # independent runs trained at once (vmapped over a leading axis)
+    total_env_steps: int = 2_000_000  # environment steps per run
+    num_envs: int = 32  # parallel environments per run
+    unroll_length: int = 100  # steps per environment per iteration (one rollout)
+    num_epochs: int = 10  # passes over each rollout
+    num_minibatches: int = 8  # minibatches per pass
+    learning_rate: float = 3e-4  # Adam step size for actor and critics
+    max_grad_norm: float = 0.5  # global gradient-norm clip before Adam
+    discount: float = 0.99  # reward discount gamma
+    gae_lambda: float = 0.95  # reward GAE lambda
+    cost_discount: float = 0.99  # cost discount gamma_c
+    cost_gae_lambda: float = 0.95  # cost GAE lambda_c
+    clip_epsilon: float = 0.2  # PPO ratio clip range
+    value_clip: float | None = None  # PPO2 value clip range; none for plain regression
+    value_coef: float = 0.5  # weight of the reward + cost value losses
+    entropy_coef: float = 0.0  # weight of the entropy bonus
+    actor_hidden_sizes: tuple[int, ...] = (64, 64)  # actor MLP widths
+    critic_hidden_sizes: tuple[int, ...] = (64, 64)  # widths of each critic MLP
+    activation: str = "tanh"  # hidden activation: tanh, relu or swish
+    init_log_std: float = -0.5  # initial state-independent log-std of the Gaussian before tanh
+    cost_limit: float = 20.0  # episodic cost limit d
+    multiplier_rule: MultiplierRuleName = "ascent"  # ascent (projected SGD), log_ascent, pid or fixed
+    multiplier_lr: float = 0.05  # step size of ascent / log_ascent
+    multiplier_init: float = 0.0  # lambda before the first update (the held value for fixed)
+    multiplier_max: float = 100.0  # upper clamp of lambda
+    pid_kp: float = 0.1  # PID proportional gain
+    pid_ki: float = 0.01  # PID integral gain
+    pid_kd: float = 0.01  # PID derivative gain
+    iterations_per_chunk: int = 10  # training iterations per device call (one lax.scan)
+    eval_episodes: int = 10  # episodes of the deterministic policy scored at the end, per run
+
+    def __post_init__(self) -> None:
+        require(self.task in envs.names(), "task",
+                f"unknown environment {self.task!r}; known: {', '.join(envs.names())}")
+        require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")
+        require_positive_integers(self, "num_seeds", "total_env_steps", "num_envs", "unroll_length",
+                                  "num_epochs", "num_minibatches", "iterations_per_chunk")
+        require(self.eval_episodes >= 0, "eval_episodes", f"must be >= 0 (got {self.eval_episodes})")
+        require((self.num_envs * self.unroll_length) % self.num_minibatches == 0, "num_minibatches",
+                f"must divide num_envs * unroll_length = {self.num_envs * self.unroll_length}")
+        require(self.total_env_steps >= self.steps_per_iteration, "total_env_steps",
+                f"must cover at least one rollout of num_envs * unroll_length = {self.steps_per_iteration}")
+        for name in ("learning_rate", "max_grad_norm", "clip_epsilon", "multiplier_lr", "multiplier_max"):
+            value = getattr(self, name)
+            require(value > 0 and math.isfinite(value), name, f"must be finite and > 0 (got {value})")
+        for name in ("discount", "gae_lambda", "cost_discount", "cost_gae_lambda"):
+            value = getattr(self, name)
+            require(0.0 <= value <= 1.0, name, f"must be in [0, 1] (got {value})")
+        require(self.value_clip is None or self.value_clip > 0, "value_clip", f"must be > 0 or none (got {self.value_clip})")
+        for name in ("value_coef", "entropy_coef", "cost_limit", "pid_kp", "pid_ki", "pid_kd"):
+            value = getattr(self, name)
+            require(value >= 0 and math.isfinite(value), name, f"must be finite and >= 0 (got {value})")
+        rules = typing.get_args(MultiplierRuleName)
+        require(self.multiplier_rule in rules, "multiplier_rule",
+                f"must be one of {', '.join(rules)} (got {self.multiplier_rule!r})")
+        require(0.0 <= self.multiplier_init <= self.multiplier_max, "multiplier_init",
+                f"must be in [0, multiplier_max={self.multiplier_max}] (got {self.multiplier_init})")
+        require(self.multiplier_rule != "log_ascent" or self.multiplier_init > 0, "multiplier_init",
+                "must be > 0 for log_ascent (lambda lives in log space)")
+        require(self.activation in ppo_networks.activation_names(), "activation",
+                f"must be one of {', '.join(ppo_networks.activation_names())} (got {self.activation!r})")
+        for name in ("actor_hidden_sizes", "critic_hidden_sizes"):
+            sizes = getattr(self, name)
+            require(len(sizes) >= 1 and all(s >= 1 for s in sizes), name,
+                    f"must be one or more positive widths (got {sizes})")
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.num_envs * self.unroll_length
+
+    @property
+    def num_iterations(self) -> int:
+        return self.total_env_steps // self.steps_per_iteration
+
+
+def make_multiplier_rule(config: Config) -> lagrangian.MultiplierRule:
+    """The multiplier rule the config names, with its hyperparameters."""
+    if config.multiplier_rule == "ascent":
+        return lagrangian.projected_ascent(config.multiplier_lr, config.multiplier_init, config.multiplier_max)
+    if config.multiplier_rule == "log_ascent":
+        return lagrangian.log_space_ascent(config.multiplier_lr, config.multiplier_init, config.multiplier_max)
+    if config.multiplier_rule == "pid":
+        return lagrangian.pid(config.pid_kp, config.pid_ki, config.pid_kd,
+                              init_multiplier=config.multiplier_init, max_multiplier=config.multiplier_max)
+    return lagrangian.fixed(config.multiplier_init)
+
+
+@struct.dataclass
+class TrainState:
+    """Everything one run carries between iterations (add a leading axis for several runs)."""
+
+    params: ppo_networks.PPOLagParams
+    optimizer_state: optax.OptState
+    multiplier_state: Any
+    env_state: envs.EnvState
+    cost_limit: jax.Array  # float32 scalar, the limit d this run is held to
+    key: jax.Array
+    iteration: jax.Array  # int32
+    env_steps: jax.Array  # float32 (exact below 2^24 per iteration count; counts of steps)
+
+
+class Learner(NamedTuple):
+    """The static parts of a run: config, environment, networks, optimizer and multiplier rule."""
+
+    config: Config
+    env: envs.Env  # batched (num_envs), auto-resetting
+    networks: ppo_networks.PPOLagNetworks
+    optimizer: optax.GradientTransformation
+    multiplier_rule: lagrangian.MultiplierRule
+    policy: Callable  # stochastic behaviour policy (actor_params, obs, key) -> (action, extras)
+    eval_policy: Callable  # deterministic policy (tanh of the mean)
+
+
+def clip_each_network(max_norm: float) -> optax.GradientTransformation:
+    """Global-norm gradient clipping applied to the actor and to each critic separately.
+
+    A single clip over all three networks (Brax's choice) would let a large cost-critic error shrink
+    the actor's step; clipping each network alone keeps plain PPO's actor exactly independent of the
+    cost critic.
+    """
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        clipped = type(updates)(*(clip.update(part, clip.init(part))[0] for part in updates))
+        return clipped, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_learner(config: Config, env: envs.Env | None = None) -> Learner:
+    """Builds the learner; ``env`` (an unbatched task) overrides ``envs.make(config.task)``."""
+    if env is None:
+        batched = envs.make(config.task, batch_size=config.num_envs)
+    else:
+        batched = envs.wrap(env, batch_size=config.num_envs)
+    nets = ppo_networks.make_networks(batched.action_size, config.actor_hidden_sizes,
+                                      config.critic_hidden_sizes, config.activation, config.init_log_std)
+    optimizer = optax.chain(clip_each_network(config.max_grad_norm), optax.adam(config.learning_rate))
+    return Learner(config, batched, nets, optimizer, make_multiplier_rule(config),
+                   ppo_networks.make_policy(nets), ppo_networks.make_policy(nets, deterministic=True))
+
+
+def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array | float | None = None) -> TrainState:
+    """A fresh run; ``cost_limit`` defaults to the config's."""
+    params_key, env_key, run_key = jax.random.split(key, 3)
+    params = ppo_networks.init_params(learner.networks, params_key, learner.env.observation_size)
+    limit = learner.config.cost_limit if cost_limit is None else cost_limit
+    return TrainState(
+        params=params,
+        optimizer_state=learner.optimizer.init(params),
+        multiplier_state=learner.multiplier_rule.init(),
+        env_state=learner.env.reset(env_key),
+        cost_limit=jnp.asarray(limit, jnp.float32),
+        key=run_key,
+        iteration=jnp.zeros((), jnp.int32),
+        env_steps=jnp.zeros((), jnp.float32),
+    )
+
+
+def seed_keys(config: Config) -> jax.Array:
+    """One key per run: ``fold_in(PRNGKey(seed), i)``, so run i is the same alone or in a batch."""
+    base = jax.random.PRNGKey(config.seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(config.num_seeds))
+
+
+class RolloutTargets(NamedTuple):
+    reward_advantage: jax.Array  # [T, N]
+    reward_target: jax.Array
+    reward_value: jax.Array
+    cost_advantage: jax.Array
+    cost_target: jax.Array
+    cost_value: jax.Array
+
+
+def compute_targets(learner: Learner, params: ppo_networks.PPOLagParams, transitions) -> RolloutTargets:
+    """GAE advantages and value targets of both streams for a time-major rollout ``[T, N]``.
+
+    ``discount_t = gamma * (1 - terminated_t)``: a truncated
+    step still bootstraps from ``V(next_obs)``, the true final observation. ``episode_continues_t =
+    1 - done_t`` stops the lambda-recursion at every episode end, so the advantage of the last step of
+    an episode never mixes in the first step of the next one.
+    """
+    config, nets = learner.config, learner.networks
+    terminated = transitions.termination
+    continues = 1.0 - transitions.done
+
+    def stream(critic, critic_params, signal, gamma, lam):
+        values = critic.apply(critic_params, transitions.obs)
+        next_values = critic.apply(critic_params, transitions.next_obs)
+        advantages, targets = returns.gae(signal, values, next_values, gamma * (1.0 - terminated), lam,
+                                          episode_continues=continues)
+        return advantages, targets, values
+
+    reward = stream(nets.reward_critic, params.reward_critic, transitions.reward, config.discount, config.gae_lambda)
+    cost = stream(nets.cost_critic, params.cost_critic, transitions.cost, config.cost_discount,
+                  config.cost_gae_lambda)
+    return RolloutTargets(*reward, *cost)
+
+
+def completed_episode_stats(before: envs.EnvState, after: envs.EnvState) -> dict[str, jax.Array]:
+    """Mean reward, cost and length of episodes completed during a rollout, from the env's accumulators.
+
+    An environment whose ``completed_episodes`` counter moved during the rollout contributes the totals
+    of its most recent completed episode (exactly its one episode when ``unroll_length`` does not exceed
+    the episode length). With no completed episode the means are 0 and ``episodes`` is 0.
+    """
+    completed = (after.metrics["completed_episodes"] > before.metrics["completed_episodes"]).astype(jnp.float32)
+    count = jnp.sum(completed)
+    safe_count = jnp.maximum(count, 1.0)
+    stats = {name: jnp.sum(completed * after.metrics[f"completed_episode_{name}"]) / safe_count
+             for name in ("reward", "cost", "length")}
+    return {**stats, "episodes": count}
+
+
+def _minibatch_updates(learner: Learner, params, optimizer_state, batch: losses.UpdateBatch, key):
+    """``num_epochs`` shuffled passes of ``num_minibatches`` Adam steps over a flat batch."""
+    config = learner.config
+    hp = losses.LossHyperparameters(config.clip_epsilon, config.value_clip, config.value_coef,
+                                    config.entropy_coef)
+    grad_fn = jax.grad(losses.ppo_lag_loss, has_aux=True)
+
+    def minibatch_step(carry, minibatch_and_key):
+        params, optimizer_state = carry
+        minibatch, step_key = minibatch_and_key
+        grads, metrics = grad_fn(params, learner.networks, minibatch, step_key, hp)
+        updates, optimizer_state = learner.optimizer.update(grads, optimizer_state, params)
+        return (optax.apply_updates(params, updates), optimizer_state), metrics
+
+    def epoch(carry, epoch_key):
+        permutation_key, loss_key = jax.random.split(epoch_key)
+        size = batch.log_prob.shape[0]
+        permutation = jax.random.permutation(permutation_key, size)
+        minibatches = jax.tree_util.tree_map(
+            lambda x: x[permutation].reshape((config.num_minibatches, -1) + x.shape[1:]), batch)
+        step_keys = jax.random.split(loss_key, config.num_minibatches)
+        return jax.lax.scan(minibatch_step, carry, (minibatches, step_keys))
+
+    (params, optimizer_state), metrics = jax.lax.scan(
+        epoch, (params, optimizer_state), jax.random.split(key, config.num_epochs))
+    return params, optimizer_state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+def train_iteration(learner: Learner, state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One rollout, one multiplier update and one PPO update of a single run (unbatched over seeds)."""
+    config = learner.config
+    rollout_key, update_key, next_key = jax.random.split(state.key, 3)
+    env_state, transitions = rollouts.rollout(learner.env, learner.policy, state.params.actor, rollout_key,
+                                              state.env_state, config.unroll_length)
+    targets = compute_targets(learner, state.params, transitions)
+
+    episodes = completed_episode_stats(state.env_state, env_state)
+    updated = learner.multiplier_rule.update(state.multiplier_state, episodes["cost"], state.cost_limit)
+    multiplier_state = tree_select(episodes["episodes"] > 0, updated, state.multiplier_state)
+    multiplier = lagrangian.multiplier(multiplier_state)
+
+    advantage = losses.actor_advantage(targets.reward_advantage, targets.cost_advantage, multiplier)
+    extras = transitions.extras
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # [T, N, ...] -> [T * N, ...]
+    batch = losses.UpdateBatch(
+        observation=flat(transitions.obs), pre_squash=flat(extras["pre_squash"]),
+        log_prob=flat(extras["log_prob"]), advantage=flat(advantage),
+        reward_value=flat(targets.reward_value), cost_value=flat(targets.cost_value),
+        reward_target=flat(targets.reward_target), cost_target=flat(targets.cost_target))
+    params, optimizer_state, loss_metrics = _minibatch_updates(
+        learner, state.params, state.optimizer_state, batch, update_key)
+
+    env_steps = state.env_steps + config.steps_per_iteration
+    new_state = state.replace(params=params, optimizer_state=optimizer_state,
+                              multiplier_state=multiplier_state, env_state=env_state, key=next_key,
+                              iteration=state.iteration + 1, env_steps=env_steps)
+    metrics = {
+        "env_steps": env_steps,
+        "episode_reward": episodes["reward"],
+        "episode_cost": episodes["cost"],
+        "episode_length": episodes["length"],
+        "episodes": episodes["episodes"],
+        "multiplier": multiplier,
+        "cost_limit": state.cost_limit,
+        "step_cost_rate": jnp.mean(transitions.cost),
+        **loss_metrics,
+    }
+    return new_state, metrics
+
+
+def make_chunk(learner: Learner, num_iterations: int) -> Callable[[TrainState], tuple[TrainState, dict]]:
+    """``num_iterations`` iterations of every run in a seed-batched state, as one jitted call.
+
+    Returns metrics with shape ``[num_seeds, num_iterations]``.
+    """
+
+    def one_run(state: TrainState):
+        return jax.lax.scan(lambda s, _: train_iteration(learner, s), state, None, length=num_iterations)
+
+    def all_runs(state: TrainState):
+        if jax.tree.leaves(state)[0].shape[0] == 1:
+            # A vmap, even of one run, turns the environments' batched auto-reset (a lax.cond that
+            # skips the reset work on steps where no episode ends) into a select that pays it always.
+            final, metrics = one_run(jax.tree.map(lambda x: x[0], state))
+            return jax.tree.map(lambda x: x[None], (final, metrics))
+        return jax.vmap(one_run)(state)
+
+    return jax.jit(all_runs)
+
+
+def init_runs(learner: Learner, cost_limits: jax.Array | None = None) -> TrainState:
+    """The seed-batched initial state of ``config.num_seeds`` runs (optionally one cost limit each)."""
+    keys = seed_keys(learner.config)
+    if cost_limits is None:
+        cost_limits = jnp.full((learner.config.num_seeds,), learner.config.cost_limit, jnp.float32)
+    return jax.jit(jax.vmap(lambda k, d: init_state(learner, k, d)))(keys, cost_limits)
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment: chunked training through the project's loop, then a deterministic evaluation.
+
+CURVE_METRICS = ("episode_reward", "episode_cost", "multiplier")
+
+
+EPISODE_METRICS = ("episode_reward", "episode_cost", "episode_length")
+
+
+def chunk_summary(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """``[runs, iterations]`` metrics of a chunk -> one scalar each (what the loop logs per chunk).
+
+    Episode statistics are averaged over the episodes that completed in the chunk (an iteration with
+    none would otherwise count as a zero-reward, zero-cost episode); ``env_steps``, ``multiplier`` and
+    ``cost_limit`` are the values after the chunk's last iteration; the rest are means. With several
+    runs, ``episode_reward/run{i}`` etc. keep each run's own value (the mean of a sweep over cost
+    limits means little alone).
+    """
+    count = metrics["episodes"]
+
+    def per_run(name: str) -> jax.Array:
+        value = metrics[name]
+        if name in EPISODE_METRICS:
+            return jnp.sum(value * count, axis=1) / jnp.maximum(jnp.sum(count, axis=1), 1.0)
+        if name in ("env_steps", "multiplier", "cost_limit"):
+            return value[:, -1]
+        if name == "episodes":
+            return jnp.sum(value, axis=1)
+        return jnp.mean(value, axis=1)
+
+    runs = {name: per_run(name) for name in metrics}
+    row = {name: jnp.mean(value) for name, value in runs.items()}
+    num_runs = count.shape[0]
+    if num_runs > 1:
+        for name in CURVE_METRICS:
+            for i in range(num_runs):
+                row[f"{name}/run{i}"] = runs[name][i]
+    return row
+
+
+def completed_iterations(config: Config) -> tuple[int, int]:
+    """``(num_chunks, iterations_per_chunk)``: whole chunks covering at most ``total_env_steps``."""
+    per_chunk = min(config.iterations_per_chunk, config.num_iterations)
+    return max(1, config.num_iterations // per_chunk), per_chunk
+
+
+def train_runs(learner: Learner, ctx, stage: str, cost_limits: jax.Array | None = None) -> TrainState:
+    """Trains ``num_seeds`` runs through ``ctx.loop``; logged steps are environment steps per run."""
+    config = learner.config
+    num_chunks, per_chunk = completed_iterations(config)
+    chunk = make_chunk(learner, per_chunk)
+
+    def chunk_fn(state):
+        state, metrics = chunk(state)
+        return state, chunk_summary(metrics)
+
+    return ctx.loop(stage, lambda: init_runs(learner, cost_limits), chunk_fn, num_chunks,
+                    steps_per_chunk=per_chunk * config.steps_per_iteration,
+                    progress_keys=("episode_reward", "episode_cost", "multiplier"))
+
+
+def evaluate_runs(learner: Learner, state: TrainState, num_episodes: int, key: jax.Array) -> dict[str, Any]:
+    """Mean episodic reward and cost of each run's deterministic policy: ``[runs]`` arrays."""
+    eval_env = envs.wrap(learner.env.unwrapped, episode_length=learner.env.episode_length, auto_reset=False)
+
+    def one_run(actor_params, run_key):
+        stats = rollouts.evaluate_episodes(eval_env, learner.eval_policy, actor_params, run_key, num_episodes)
+        return jnp.mean(stats.reward_return), jnp.mean(stats.cost_return)
+
+    keys = jax.random.split(key, state.cost_limit.shape[0])
+    reward, cost = jax.jit(jax.vmap(one_run))(state.params.actor, keys)
+    return {"reward": reward, "cost": cost}
+
+
+def run(config: Config, ctx) -> dict[str, Any]:
+    """Trains, evaluates and plots; returns the summary the runner writes to summary.json."""
+    learner = make_learner(config)
+    state = train_runs(learner, ctx, "train")
+    rows = [r for r in ctx.read_metrics() if r["stage"] == "train"]
+    if ctx.is_main:  # one writer in a multi-process run
+        plot_reward_cost_curves({"runs": rows}, config.cost_limit, ctx.run_dir / "plots" / "reward_cost.png",
+                                title=f"{config.task}: {config.multiplier_rule} multiplier")
+    ctx.plot_learning_curves()
+    tail = rows[-max(1, len(rows) // 10):]  # the last tenth of training
+    summary: dict[str, Any] = {
+        "task": config.task,
+        "env_steps": rows[-1]["step"] if rows else 0,
+        "cost_limit": config.cost_limit,
+        "final_episode_reward": float(jnp.mean(jnp.array([r["episode_reward"] for r in tail]))),
+        "final_episode_cost": float(jnp.mean(jnp.array([r["episode_cost"] for r in tail]))),
+        "final_multiplier": float(jnp.mean(lagrangian.multiplier(state.multiplier_state))),
+    }
+    if config.eval_episodes:
+        scores = evaluate_runs(learner, state, config.eval_episodes, jax.random.PRNGKey(config.seed + 1))
+        summary["eval_reward"] = [float(x) for x in scores["reward"]]
+        summary["eval_cost"] = [float(x) for x in scores["cost"]]
+    return summary
+
+
+def plot_reward_cost_curves(curves: dict[str, list[dict]], cost_limit: float, path, title: str = "") -> None:
+    """Episode reward and cost against environment steps, one line per label, the limit dashed.
+
+    ``curves`` maps a label to metrics rows (``{"step", "episode_reward", "episode_cost", ...}``).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    reward_axes, cost_axes = figure.subplots(1, 2)
+    for label, rows in curves.items():
+        steps = [r["step"] for r in rows]
+        reward_axes.plot(steps, [r["episode_reward"] for r in rows], label=label)
+        cost_axes.plot(steps, [r["episode_cost"] for r in rows], label=label)
+    cost_axes.axhline(cost_limit, color="black", linestyle="--", label=f"cost limit {cost_limit:g}")
+    for axes, name in ((reward_axes, "episode reward"), (cost_axes, "episode cost")):
+        axes.set_xlabel("environment steps per run")
+        axes.set_ylabel(name)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    if title:
+        figure.suptitle(title)
+    from pathlib import Path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)

@@ -1,0 +1,118 @@
+"""The end-to-end safe-RLHF experiment at a tiny size: stages, table, plots, resume, config checks."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+
+from algorithms.llm import rlhf_pipeline
+from constrained_rl.config import ConfigError
+from experiments import cli, registry
+from experiments.context import RunContext
+
+TINY = rlhf_pipeline.Config(
+    methods=("repo",), num_seeds=2, scorer="ground_truth", synthetic_rows=256, synthetic_eval_prompts=12,
+    sft=dataclasses.replace(rlhf_pipeline.Config().sft, epochs=1, steps_per_chunk=8),
+    ppo=dataclasses.replace(rlhf_pipeline.SYNTHETIC_PPO, max_new_tokens=4),
+    num_steps=2, steps_per_chunk=1, checkpoint_every=1, prompts_per_step=4, responses_per_prompt=2,
+    eval_responses_per_prompt=1)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("rlhf_pipeline")
+    ctx = RunContext(run_dir, progress=False)
+    summary = rlhf_pipeline.run(TINY, ctx)
+    ctx.close()
+    return run_dir, summary
+
+
+def test_writes_every_stage_and_the_table(finished_run):
+    run_dir, summary = finished_run
+    for path in ("data/sft.jsonl", "data/eval_prompts.jsonl", "sft/model/config.json", "results.csv",
+                 "results.md", "plots/safe_rate_by_category.png"):
+        assert (run_dir / path).exists(), path
+    assert not (run_dir / "reward_model").exists()  # exact scorers: no score models trained
+    with open(run_dir / "results.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["method"], r["seed"]) for r in rows] == [("sft", "0"), ("repo", "0"), ("repo", "1")]
+    for row in rows:
+        assert 0.0 <= float(row["safe_rate"]) <= 1.0
+        assert 0.0 <= float(row["safe_prompt_rate"]) <= 1.0
+    markdown = (run_dir / "results.md").read_text()
+    assert markdown.splitlines()[0].startswith("| method | reward | cost | safe responses")
+    assert "| RePO | " in markdown and " +- " in markdown
+    assert set(summary) >= {"repo/safe_rate", "repo/interference", "sft/mean_reward", "repo/safe_rate/harmful"}
+    # The SFT row's arena is against itself: every pair ties.
+    assert summary["sft/arena/helpfulness_tie"] == 1.0
+
+
+def test_resume_restores_finished_stages(finished_run):
+    run_dir, summary = finished_run
+    ctx = RunContext(run_dir, progress=False)
+    again = rlhf_pipeline.run(TINY, ctx)
+    ctx.close()
+    assert again == summary
+    logged = [row for row in ctx.read_metrics() if row["stage"] == "repo"]
+    assert [row["step"] for row in logged] == [1, 2]  # not trained twice
+
+
+def test_single_method_experiments_are_registered():
+    for name, method in (("safe_rlhf", "safe_rlhf"), ("repo", "repo"), ("rlhf_ppo", "ppo"),
+                         ("rlhf_shaping", "shaping")):
+        experiment = registry.load(name)
+        assert experiment.config_cls().methods == (method,)
+        config = cli.build_config(experiment.config_cls, [cli.Override("num_seeds", "2", "--num_seeds", True)])
+        assert config.num_seeds == 2 and config.methods == (method,)
+    assert registry.load("rlhf_pipeline").config_cls().methods == rlhf_pipeline.METHODS
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ConfigError, match="methods"):
+        rlhf_pipeline.Config(methods=("dpo",))
+    with pytest.raises(ConfigError, match="num_steps"):
+        rlhf_pipeline.Config(num_steps=7, steps_per_chunk=2)
+    with pytest.raises(ConfigError, match="num_minibatches"):
+        rlhf_pipeline.Config(prompts_per_step=3, responses_per_prompt=1,
+                             ppo=dataclasses.replace(rlhf_pipeline.SYNTHETIC_PPO, num_minibatches=2))
+
+
+def test_models_take_the_fsdp_rules_on_the_runner_mesh():
+    """On the runner's one-axis mesh "data" plays the fsdp role; "tp" and the seed axis stay whole."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from constrained_rl import parallel
+    from constrained_rl.models import llama
+
+    data_mesh, fsdp_mesh = parallel.make_mesh(("data",)), parallel.make_mesh(("fsdp", "tp"))
+    rules = dict(parallel.model_rules(data_mesh, leading_dims=1))
+    assert rules[r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$"] == P(None, "data", "tp")
+    assert rules[r"(o_proj|down_proj)/kernel$"] == P(None, "tp", "data")
+    assert parallel.model_rules(fsdp_mesh) == llama.PARTITION_RULES  # an fsdp axis takes them as written
+
+    kernel = jax.ShapeDtypeStruct((2, 8, 16), jax.numpy.float32)
+    tree = {"mu": {"params": {"layers_0": {"mlp": {"up_proj": {"kernel": kernel}}}}},
+            "count": jax.ShapeDtypeStruct((2,), jax.numpy.int32)}
+    shardings = parallel.model_shardings(tree, data_mesh, leading_dims=1)
+    assert shardings["mu"]["params"]["layers_0"]["mlp"]["up_proj"]["kernel"].spec == P(None, "data", None)
+    assert shardings["count"].spec == P(None)
+
+
+def test_training_limit_can_sit_below_the_reported_limit():
+    import jax.numpy as jnp
+
+    assert rlhf_pipeline.Config().training_cost_limit == 0.0
+    config = rlhf_pipeline.Config(train_cost_limit=-0.5)
+    assert config.training_cost_limit == -0.5 and config.cost_limit == 0.0
+    # Both constrained learners train against the margin: a prompt of mean cost -0.2 is safe by the
+    # reported limit but still gated (RePO), and Safe-RLHF's average constraint reads the same d.
+    group_costs, group_ids = jnp.array([-0.2, -1.0]), jnp.array([0, 0, 1, 1])
+    gate = rlhf_pipeline.cost_signal("repo", config).gate(group_costs, group_ids)
+    assert gate.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert rlhf_pipeline.cost_signal("repo", rlhf_pipeline.Config()).gate(group_costs, group_ids).tolist() == [0.0] * 4
+    assert rlhf_pipeline.cost_signal("safe_rlhf", config).limit == -0.5
+    with pytest.raises(ConfigError, match="train_cost_limit"):
+        rlhf_pipeline.Config(train_cost_limit=float("nan"))

@@ -8,4 +8,6 @@ Modules, one topic each:
   distributions  tanh-squashed Gaussian
   critics      adversarially trained (relatively pessimistic) critics, Bellman errors, projections
   config       typed-config validation shared by every algorithm
+  schedules    learning-rate schedules: linear warmup, then cosine decay or constant
+  plotting     the one Matplotlib setup: Agg figures, curves with a dashed limit, saving
 """

@@ -4,6 +4,7 @@ A :class:`RunContext` is handed to every experiment's ``run(config, ctx)``. It o
 directory::
 
     config.json       the resolved config (written by the runner)
+    environment.json  package versions and the code's git commit (written by the runner)
     metrics.jsonl     one row per logged step: {"stage", "step", <metric>: value, ...}
     tensorboard/      TensorBoard event files, one subfolder per stage
     checkpoints/      orbax checkpoints, one subfolder per stage, numbered by chunks completed
@@ -35,7 +36,7 @@ from typing import Any, Literal, TypeVar
 import jax
 import numpy as np
 
-from constrained_rl import checkpoint, parallel
+from constrained_rl import checkpoint, parallel, plotting
 
 State = TypeVar("State")
 Reduce = Literal["mean", "last"]
@@ -90,6 +91,7 @@ class RunContext:
         stop_after_chunks: int | None = None,
         max_checkpoints_to_keep: int = 2,
         mesh: jax.sharding.Mesh | None = None,
+        wandb: Any = None,
     ) -> None:
         """
         Args:
@@ -99,6 +101,7 @@ class RunContext:
             this many chunks have run in this process, to exercise interruption and resume.
           max_checkpoints_to_keep: per stage, older checkpoints are deleted.
           mesh: devices the training states are placed on (None: JAX's default device).
+          wandb: an :class:`experiments.tracking.WandbLogger` every logged row also goes to (None: off).
         """
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,8 @@ class RunContext:
         self.is_main = parallel.is_main_process()
         self._rows: list[dict[str, Any]] = []
         self._children: list[RunContext] = []
+        self._wandb = wandb
+        self._wandb_prefix = ""  # a child run's rows go to W&B as "<child>/<stage>/<metric>"
 
     def child(self, name: str) -> "RunContext":
         """A context for a sub-run in ``<run_dir>/<name>`` (e.g. the SFT stage of a pipeline, or one half
@@ -120,8 +125,10 @@ class RunContext:
         interruption hook, which counts chunks across parent and children."""
         child = RunContext(self.run_dir / name, progress=self._progress,
                            stop_after_chunks=self._stop_after_chunks,
-                           max_checkpoints_to_keep=self._max_checkpoints_to_keep, mesh=self.mesh)
+                           max_checkpoints_to_keep=self._max_checkpoints_to_keep, mesh=self.mesh,
+                           wandb=self._wandb)
         child._chunks_run = self._chunks_run
+        child._wandb_prefix = f"{self._wandb_prefix}{name}/"
         self._children.append(child)
         return child
 
@@ -156,7 +163,7 @@ class RunContext:
         return self._writers[stage]
 
     def log(self, step: int, metrics: Mapping[str, Any], *, stage: str = "main") -> None:
-        """Appends one row to metrics.jsonl and writes each scalar to TensorBoard.
+        """Appends one row to metrics.jsonl and writes each scalar to TensorBoard (and W&B, when on).
 
         ``metrics`` must already be on the host (Python or NumPy scalars).
         """
@@ -169,6 +176,8 @@ class RunContext:
         writer = self._writer(stage)
         for name, value in row.items():
             writer.add_scalar(f"{stage}/{name}", value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(f"{self._wandb_prefix}{stage}", int(step), row)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every row of metrics.jsonl, in the order written (off process 0: this process's rows)."""
@@ -206,27 +215,14 @@ class RunContext:
         path = self.run_dir / "plots" / f"{_file_name(name)}.png"
         if not self.is_main:
             return path
-        # The object-oriented Agg canvas touches no global pyplot state or backend choice.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(6, 4), layout="constrained")
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        for label, (xs, ys) in series.items():
-            axes.plot(xs, ys, label=label, marker="." if len(xs) < 30 else None)
-        axes.set_xlabel(xlabel)
-        axes.set_ylabel(ylabel or name)
-        axes.set_title(name)
-        axes.grid(alpha=0.3)
-        if len(series) > 1:
-            axes.legend()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-        return path
+        figure, axes = plotting.new_figure((6, 4))
+        plotting.plot_curves(axes, series, xlabel=xlabel, ylabel=ylabel or name, title=name,
+                             dot_short_series=True)
+        return plotting.save(figure, path)
 
     def plot_learning_curves(self) -> list[Path]:
-        """One PNG per logged metric, one line per stage that logged it (last row per step wins)."""
+        """One PNG per logged metric, one line per stage that logged it (last row per step wins), in
+        plots/ of this run and of each child run (each stage of a multi-stage run gets its curves)."""
         curves: dict[str, dict[str, dict[int, float]]] = {}
         for row in self.read_metrics():
             for name, value in row.items():
@@ -239,6 +235,8 @@ class RunContext:
                 for stage, points in by_stage.items()
             }
             paths.append(self.plot(name, series))
+        for child in self._children:
+            paths.extend(child.plot_learning_curves())
         return paths
 
     # The training loop -----------------------------------------------------------------------

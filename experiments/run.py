@@ -1,4 +1,5 @@
-"""The front door: ``python -m experiments.run [NAME] [--key value ...]``.
+"""The front door: ``python -m experiments.run [NAME] [--key value ...]``, installed as the command
+``constrained-rl`` (the same verbs: ``constrained-rl --list``, ``constrained-rl NAME --help``, ...).
 
 Usage::
 
@@ -11,6 +12,7 @@ Usage::
     python -m experiments.run --resume runs/NAME-20250101-120000
     python -m experiments.run NAME --num-devices 8           # runs split over 8 local devices
     python -m experiments.run NAME --distributed --run-dir DIR     # one process per host, all devices
+    python -m experiments.run NAME --wandb.project P         # also log to Weights & Biases (offline)
 
 Bad input (unknown experiment or key, ill-typed or refused value, unreadable file, nothing to
 resume) is reported as one ``error: ...`` line on stderr with exit code 2. Ctrl-C leaves the last
@@ -19,7 +21,12 @@ checkpoint intact and exits with code 130; ``--resume`` continues from it.
 ``--distributed`` calls ``jax.distributed.initialize`` before anything else (the cluster is detected
 on Cloud TPU and SLURM; elsewhere give ``--coordinator-address HOST:PORT --num-processes N
 --process-id I``); every process runs the same program over one mesh of all devices, and only
-process 0 writes config.json, metrics, plots and summary.json (docs/parallelism.md).
+process 0 writes config.json, environment.json, metrics, plots and summary.json (docs/parallelism.md).
+
+``--wandb.project NAME`` (with ``--wandb.entity``, ``--wandb.mode``, ``--wandb.name``) sends every
+logged metric, the config and the summary to a Weights & Biases run as well (experiments/tracking.py);
+like ``--run-dir`` these are settings of the runner, not of the experiment, and are not recorded in
+config.json.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from constrained_rl.config import ConfigError
-from experiments import cli, registry
+from experiments import cli, provenance, registry, tracking
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -43,9 +50,12 @@ usage: python -m experiments.run [NAME] [--key value ...] [--config FILE] [--run
        python -m experiments.run --resume DIR
        python -m experiments.run --list
        python -m experiments.run NAME --help
+       (installed, the command constrained-rl takes the same arguments)
 
 Runs experiment NAME (default: {default}) and writes its run directory (default runs/NAME-<time>):
-config.json, metrics.jsonl, tensorboard/, checkpoints/, plots/, summary.json.
+config.json, environment.json (package versions, git commit), metrics.jsonl, tensorboard/,
+checkpoints/, plots/, summary.json; the parts of a composed run (the tour's offline/ and rlhf/,
+the RLHF pipeline's sft/, ...) are run directories inside it, each with its own plots/.
 
   --list            list the experiments
   --config FILE     settings from a .json or .toml file (command-line settings win)
@@ -60,11 +70,19 @@ devices (docs/parallelism.md):
                     use every device of every process; process 0 writes the run directory
   --coordinator-address HOST:PORT  --num-processes N  --process-id I
                     with --distributed where the cluster is not detected (TPU pods, SLURM are)
+
+Weights & Biases (off unless --wandb.project is given; needs pip install wandb):
+  --wandb.project NAME  log metrics, config and summary to a W&B run in project NAME as well
+  --wandb.entity NAME   the W&B team or user (default: W&B's default entity)
+  --wandb.mode MODE     offline (default: files in DIR/wandb/, wandb sync uploads them), online, disabled
+  --wandb.name NAME     the W&B run's name (default: the run directory's name)
 """
 
 # Runner flags that take a value; everything else starting with "--" is a config override.
 _VALUE_FLAGS = {"--config", "--run-dir", "--resume", "--stop-after-chunks", "--num-devices",
                 "--coordinator-address", "--num-processes", "--process-id"}
+_WANDB_FLAGS = {"--wandb.project": "project", "--wandb.entity": "entity", "--wandb.mode": "mode",
+                "--wandb.name": "name"}
 _INT_FLAGS = {"--stop-after-chunks": "stop_after_chunks", "--num-devices": "num_devices",
               "--num-processes": "num_processes", "--process-id": "process_id"}
 
@@ -86,6 +104,16 @@ class Invocation:
     coordinator_address: str | None = None  # --coordinator-address HOST:PORT (process 0's)
     num_processes: int | None = None  # --num-processes
     process_id: int | None = None  # --process-id
+    wandb: dict[str, str] = dataclasses.field(default_factory=dict)  # --wandb.KEY VALUE flags, by KEY
+
+    def wandb_settings(self) -> tracking.WandbSettings | None:
+        """The W&B settings asked for, None when W&B is off."""
+        if not self.wandb:
+            return None
+        if "project" not in self.wandb:
+            flags = "/".join(f"--wandb.{key}" for key in self.wandb)
+            raise ConfigError(f"{flags}: need --wandb.project (W&B is off without a project)")
+        return tracking.WandbSettings(**self.wandb)
 
 
 def parse_args(argv: Sequence[str]) -> Invocation:
@@ -114,6 +142,10 @@ def parse_args(argv: Sequence[str]) -> Invocation:
                 value = None
             if flag in _VALUE_FLAGS:
                 _set_runner_flag(invocation, flag, value)
+            elif flag in _WANDB_FLAGS:
+                if value is None or value == "":
+                    raise ConfigError(f"{flag}: needs a value")
+                invocation.wandb[_WANDB_FLAGS[flag]] = value
             elif not key:
                 raise ConfigError(f"argument '{token}': expected --KEY")
             else:
@@ -182,12 +214,22 @@ def _prepare_new_run(invocation: Invocation) -> tuple[registry.Experiment, Any, 
     parallel.barrier("run directory checked")  # before process 0 writes config.json below
     if parallel.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        record = {"experiment": name, "config": cli.config_to_dict(config)}
-        (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        _write_run_record(run_dir, {"experiment": name, "config": cli.config_to_dict(config)})
     return experiment, config, run_dir
 
 
+def _write_run_record(run_dir: Path, record: dict[str, Any] | None) -> None:
+    """config.json (unless ``record`` is None: a resumed run keeps its own) and environment.json, the
+    package versions and git commit of the code that runs now. Process 0 only."""
+    if record is not None:
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    provenance.write_environment(run_dir)
+
+
 def _prepare_resume(invocation: Invocation) -> tuple[registry.Experiment, Any, Path]:
+    from constrained_rl import parallel
+    from experiments.context import RunContext
+
     if invocation.name or invocation.overrides or invocation.config_file or invocation.run_dir:
         raise ConfigError("--resume: takes no experiment name or settings (they come from the run)")
     run_dir = Path(invocation.resume)
@@ -199,6 +241,10 @@ def _prepare_resume(invocation: Invocation) -> tuple[registry.Experiment, Any, P
         raise ConfigError(f"{config_path}: expected keys 'experiment' and 'config'")
     experiment = registry.load(record["experiment"])
     config = cli.build_config(experiment.config_cls, cli.flatten(record["config"], str(config_path)))
+    if not RunContext(run_dir).has_checkpoint():
+        raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from")
+    if parallel.is_main_process():
+        _write_run_record(run_dir, None)  # the code continuing the run may not be the code that began it
     return experiment, config, run_dir
 
 
@@ -207,17 +253,20 @@ def execute(invocation: Invocation) -> int:
     from constrained_rl import parallel
     from experiments.context import RunContext, to_json_value
 
+    wandb_settings = invocation.wandb_settings()
+    wandb = tracking.import_wandb() if wandb_settings is not None else None  # refused before any run starts
     mesh = _mesh(invocation)
     if invocation.resume is not None:
         experiment, config, run_dir = _prepare_resume(invocation)
-        ctx = RunContext(run_dir, stop_after_chunks=invocation.stop_after_chunks, mesh=mesh)
-        if not ctx.has_checkpoint():
-            raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from")
     else:
         experiment, config, run_dir = _prepare_new_run(invocation)
-        ctx = RunContext(run_dir, stop_after_chunks=invocation.stop_after_chunks, mesh=mesh)
 
     main_process = parallel.is_main_process()
+    wandb_logger = None
+    if wandb is not None and main_process:
+        record = {"experiment": experiment.name, "config": cli.config_to_dict(config)}
+        wandb_logger = tracking.start(wandb_settings, wandb, run_dir, record)
+    ctx = RunContext(run_dir, stop_after_chunks=invocation.stop_after_chunks, mesh=mesh, wandb=wandb_logger)
     if main_process:
         print(f"{experiment.name}: run directory {run_dir}")
     started = time.perf_counter()
@@ -225,18 +274,27 @@ def execute(invocation: Invocation) -> int:
         summary = experiment.run(config, ctx)
     except KeyboardInterrupt:
         ctx.close()
+        if wandb_logger is not None:
+            wandb_logger.finish(EXIT_INTERRUPTED)
         print(
             f"interrupted: {run_dir} keeps its last checkpoint; continue with "
             f"python -m experiments.run --resume {run_dir}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except BaseException:
+        if wandb_logger is not None:
+            wandb_logger.finish(1)
+        raise
     ctx.close()
     if not main_process:
         return 0
-    ctx.plot_learning_curves()
+    ctx.plot_learning_curves()  # this run's and every child run's
     record = {**to_json_value(dict(summary)), "wall_time_s": time.perf_counter() - started}
     (run_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+    if wandb_logger is not None:
+        wandb_logger.summary(record)
+        wandb_logger.finish(0)
     for key, value in record.items():
         print(f"{key}: {_format(value)}")
     return 0

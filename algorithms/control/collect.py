@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from algorithms.control.ppo_lag import train as ppo_lag
-from constrained_rl import envs, parallel, rollouts
+from constrained_rl import envs, parallel, plotting, rollouts
 from constrained_rl.config import require, require_positive_integers
 from constrained_rl.data import dsrl, filters
 
@@ -205,12 +205,7 @@ def load_snapshots(snapshot_dir: Path) -> dict[str, np.ndarray]:
 
 def plot_scatter(episodes: dsrl.Episodes, keep: np.ndarray, path: Path, title: str = "") -> None:
     """The collected episodes on the (cost return, reward return) plane; the kept ones highlighted."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = plotting.new_figure((6, 4.5))
     axes.scatter(episodes.cost_returns[~keep], episodes.reward_returns[~keep], s=6, c="lightgray",
                  label="filtered out")
     axes.scatter(episodes.cost_returns[keep], episodes.reward_returns[keep], s=8, c="tab:blue", label="kept")
@@ -220,5 +215,4 @@ def plot_scatter(episodes: dsrl.Episodes, keep: np.ndarray, path: Path, title: s
     axes.legend()
     if title:
         axes.set_title(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    plotting.save(figure, path)

@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Literal, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from algorithms.control import bc, bcq_lag, bear_lag, cdt, collect, coptidice, cpq, offline, satac
+from constrained_rl import plotting
 from constrained_rl.config import ConfigError, require
 from constrained_rl.data import dsrl
 
@@ -307,12 +308,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 def plot_reward_vs_cost(rows: Sequence[Row], path: Path, title: str = "") -> None:
     """Normalized cost (x) against normalized reward (y): one marker per method, a small hollow one per
     cost limit and a large filled one for the average; the limit (normalized cost 1) as a vertical line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = plotting.new_figure((6.5, 4.5))
     methods = list(dict.fromkeys(r.method for r in rows))
     for i, method in enumerate(methods):
         color, marker = f"C{i % 10}", MARKERS[i % len(MARKERS)]
@@ -328,8 +324,7 @@ def plot_reward_vs_cost(rows: Sequence[Row], path: Path, title: str = "") -> Non
     axes.set_title(title or "reward vs cost")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="best")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    plotting.save(figure, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from constrained_rl.config import ConfigError, require
 from constrained_rl.data import synthetic_safety
 from constrained_rl.models import hf_checkpoint, llama
 from constrained_rl.models import tokenizer as tokenizer_lib
+from constrained_rl.schedules import learning_rate_schedule  # also common.learning_rate_schedule
 
 SYNTHETIC = "synthetic"
 MODEL_DIR = "model"  # the Hugging Face export inside the run directory
@@ -254,12 +255,6 @@ def eval_batches(arrays: Arrays, batch_size: int) -> tuple[Arrays, np.ndarray]:
 def _decay_mask(params: PyTree) -> PyTree:
     # Safe-RLHF (like most LLM recipes) decays matrices only, not norm weights and biases.
     return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
-def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warmup from 0 over ``warmup_ratio * total_steps`` updates, then cosine decay to 0."""
-    warmup = int(warmup_ratio * total_steps)
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), 0.0)
 
 
 def make_optimizer(hyper: Hyperparameters, training: Training, total_steps: int) -> optax.GradientTransformation:

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from algorithms.llm import common, repo, rlhf_ppo, safe_rlhf, score_models, sft
-from constrained_rl import llm_evaluation, parallel
+from constrained_rl import llm_evaluation, parallel, plotting
 from constrained_rl.config import ConfigError, require
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import hf_checkpoint, score
@@ -418,12 +418,7 @@ def write_tables(run_dir: Path, rows: dict[str, list[dict[str, float]]], categor
 def plot_categories(run_dir: Path, rows: dict[str, list[dict[str, float]]], category_names: tuple[str, ...]
                     ) -> Path:
     """A grouped bar chart of the safe-response rate per prompt category (mean and std over seeds)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = plotting.new_figure((7, 4))
     width = 0.8 / len(rows)
     positions = np.arange(len(category_names))
     for index, (method, seeds) in enumerate(rows.items()):
@@ -435,10 +430,7 @@ def plot_categories(run_dir: Path, rows: dict[str, list[dict[str, float]]], cate
     axes.set_ylim(0, 1.05)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3, axis="y")
-    path = run_dir / "plots" / "safe_rate_by_category.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    return plotting.save(figure, run_dir / "plots" / "safe_rate_by_category.png")
 
 
 def evaluate_all(config: Config, setup: Setup, states: dict[str, rlhf_ppo.TrainState]

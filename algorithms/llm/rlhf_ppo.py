@@ -51,6 +51,7 @@ from constrained_rl.config import require
 from constrained_rl.models.llama import LlamaForCausalLM
 from constrained_rl.models.score import LlamaForScore, last_token_index
 from constrained_rl.sampling import Generation, SamplingConfig, generate, token_logprobs
+from constrained_rl.schedules import learning_rate_schedule
 
 Params = Any
 
@@ -410,25 +411,18 @@ def critic_loss(critic: LlamaForScore, config: PPOConfig, params: Params, sequen
 # Optimisers
 
 
-def _schedule(peak: float, kind: str, total_updates: int, warmup_ratio: float) -> optax.Schedule:
-    warmup = int(warmup_ratio * total_updates)
-    if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), max(total_updates, warmup + 1))
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
-                                [max(warmup, 1)]) if warmup > 0 else optax.constant_schedule(peak)
-
-
 def make_optimizers(config: PPOConfig, num_steps: int) -> tuple[optax.GradientTransformation,
                                                                 optax.GradientTransformation]:
     """(actor, critic) AdamW optimisers with global-norm clipping: cosine actor, constant critics."""
     total_updates = num_steps * config.ppo_epochs * config.num_minibatches
     actor = optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(_schedule(config.actor_learning_rate, config.actor_lr_schedule, total_updates,
-                              config.warmup_ratio), weight_decay=config.actor_weight_decay))
+        optax.adamw(learning_rate_schedule(config.actor_learning_rate, total_updates, config.warmup_ratio,
+                                           config.actor_lr_schedule), weight_decay=config.actor_weight_decay))
     critic = optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(_schedule(config.critic_learning_rate, "constant", total_updates, config.warmup_ratio),
+        optax.adamw(learning_rate_schedule(config.critic_learning_rate, total_updates, config.warmup_ratio,
+                                           "constant"),
                     weight_decay=config.critic_weight_decay))
     return actor, critic
 

@@ -176,3 +176,102 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     # The redone chunk is logged once, as in the uninterrupted run.
     assert ((interrupted / "metrics.jsonl").read_text()
             == (uninterrupted / "metrics.jsonl").read_text())
+
+
+def test_console_command_is_the_runner(capsys):
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    module_name, _, attribute = project["scripts"]["constrained-rl"].partition(":")
+    entry_point = getattr(importlib.import_module(module_name), attribute)
+    assert callable(entry_point)
+    assert entry_point(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(registry.EXPERIMENTS)
+    assert {line.split()[0] for line in lines} == set(registry.EXPERIMENTS)
+    assert project["optional-dependencies"]["wandb"] == ["wandb>=0.17"]
+
+
+def test_run_directory_records_the_environment_and_resume_rewrites_it(tmp_path, monkeypatch):
+    from experiments import provenance
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # importing it would fail: W&B is not touched unless asked
+    run_dir = tmp_path / "run"
+    args = ["constrained_bandit", *SMALL, "--num_steps", "100", "--run-dir", str(run_dir)]
+    assert run.main([*args, "--stop-after-chunks", "7"]) == 130  # "average" done, "rectified" at chunk 2 of 5
+    record = json.loads((run_dir / provenance.ENVIRONMENT_FILE).read_text())
+    assert set(record["packages"]) == {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "brax",
+                                       "numpy", "constrained-rl"}
+    assert all(isinstance(v, str) for v in record["packages"].values())
+    assert record["python"] == ".".join(map(str, sys.version_info[:3]))
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert record["git"]["commit"] == head.stdout.strip() and isinstance(record["git"]["dirty"], bool)
+    config_bytes = (run_dir / "config.json").read_bytes()
+    (run_dir / provenance.ENVIRONMENT_FILE).write_text('{"stale": true}\n')
+    assert run.main(["--resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / provenance.ENVIRONMENT_FILE).read_text())["packages"] == record["packages"]
+    assert (run_dir / "config.json").read_bytes() == config_bytes
+
+
+def test_git_state_is_none_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
+    from experiments import provenance
+
+    assert provenance.git_state(tmp_path) is None  # not a git checkout
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable anywhere
+    assert provenance.git_state(ROOT) is None
+    assert provenance.environment()["git"] is None
+
+
+def test_wandb_gets_every_logged_row_the_config_and_the_summary(tmp_path, monkeypatch):
+    from tests.experiments import fake_wandb
+
+    wandb = fake_wandb.install(monkeypatch)
+    run_dir = tmp_path / "run"
+    assert run.main(["constrained_bandit", *SMALL, "--num_steps", "40", "--run-dir", str(run_dir),
+                     "--wandb.project", "safe-rl", "--wandb.name", "bandit-test"]) == 0
+    ((init,),) = fake_wandb.calls_named(wandb, "init")
+    record = json.loads((run_dir / "config.json").read_text())
+    assert "wandb" not in json.dumps(record)  # runner settings, not the experiment's
+    assert init["project"] == "safe-rl" and init["name"] == "bandit-test" and init["entity"] is None
+    assert init["mode"] == "offline" and init["config"] == record and init["dir"] == str(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [data for (data,) in fake_wandb.calls_named(wandb, "log")]
+    assert logged == [{f"{r['stage']}/step": r["step"],
+                       **{f"{r['stage']}/{k}": v for k, v in r.items() if k not in ("stage", "step")}}
+                      for r in rows]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert wandb.runs[0].summary == summary
+    assert wandb.calls[-1] == ("finish", 0)
+    assert (run_dir / "wandb" / "run_id").read_text().strip() == "fake-run-1"
+
+
+def test_wandb_continues_its_run_on_resume(tmp_path, monkeypatch):
+    from tests.experiments import fake_wandb
+
+    wandb = fake_wandb.install(monkeypatch)
+    run_dir = tmp_path / "run"
+    flags = ["--wandb.project", "p", "--wandb.mode", "disabled"]
+    assert run.main(["constrained_bandit", *SMALL, "--num_steps", "100", "--run-dir", str(run_dir), *flags,
+                     "--stop-after-chunks", "7"]) == 130
+    assert wandb.calls[-1] == ("finish", 130)
+    assert run.main(["--resume", str(run_dir), *flags]) == 0
+    first, second = (kwargs for (kwargs,) in fake_wandb.calls_named(wandb, "init"))
+    assert first["id"] is None and second["id"] == "fake-run-1" and second["resume"] == "allow"
+    assert second["mode"] == "disabled"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--wandb.project", "p"], "the wandb package is not installed (pip install wandb)"),
+    (["--wandb.entity", "me"], "--wandb.entity: need --wandb.project"),
+    (["--wandb.project", "p", "--wandb.mode", "sometimes"], "--wandb.mode: expected one of offline, online"),
+    (["--wandb.project"], "--wandb.project: needs a value"),
+])
+def test_wandb_refusals_are_one_line_before_anything_runs(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: importing it raises ImportError
+    run_dir = tmp_path / "run"
+    assert run.main(["constrained_bandit", "--run-dir", str(run_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not run_dir.exists()

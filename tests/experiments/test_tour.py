@@ -33,3 +33,9 @@ def test_default_experiment_is_the_tour_and_reports_both_halves(tmp_path, capsys
     assert 0.0 <= summary["rlhf/repo/safe_prompt_rate"] <= 1.0
     assert "offline/satac/normalized_cost" in summary
     assert (run_dir / "offline" / "results.csv").exists() and (run_dir / "rlhf" / "results.csv").exists()
+    # Every stage of the multi-stage run has its learning curves in its own run directory.
+    for stage_dir in (run_dir / "offline", run_dir / "rlhf", run_dir / "rlhf" / "sft"):
+        rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = {key for row in rows for key in row} - {"stage", "step"}
+        plots = {p.name for p in (stage_dir / "plots").iterdir()}
+        assert {f"{name.replace('/', '_')}.png" for name in metrics} <= plots, stage_dir

@@ -29,7 +29,7 @@ import optax
 from flax import struct
 
 from algorithms.control.ppo_lag import losses, networks as ppo_networks
-from constrained_rl import envs, lagrangian, returns, rollouts
+from constrained_rl import envs, lagrangian, plotting, returns, rollouts
 from constrained_rl.config import require, require_positive_integers
 from constrained_rl.envs.wrappers import tree_select
 
@@ -458,24 +458,11 @@ def plot_reward_cost_curves(curves: dict[str, list[dict]], cost_limit: float, pa
 
     ``curves`` maps a label to metrics rows (``{"step", "episode_reward", "episode_cost", ...}``).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 3.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    reward_axes, cost_axes = figure.subplots(1, 2)
-    for label, rows in curves.items():
-        steps = [r["step"] for r in rows]
-        reward_axes.plot(steps, [r["episode_reward"] for r in rows], label=label)
-        cost_axes.plot(steps, [r["episode_cost"] for r in rows], label=label)
-    cost_axes.axhline(cost_limit, color="black", linestyle="--", label=f"cost limit {cost_limit:g}")
-    for axes, name in ((reward_axes, "episode reward"), (cost_axes, "episode cost")):
-        axes.set_xlabel("environment steps per run")
-        axes.set_ylabel(name)
-        axes.grid(alpha=0.3)
-        axes.legend()
+    figure, (reward_axes, cost_axes) = plotting.new_figure((10, 3.8), 1, 2)
+    for axes, key, limit in ((reward_axes, "episode_reward", None), (cost_axes, "episode_cost", cost_limit)):
+        series = {label: ([r["step"] for r in rows], [r[key] for r in rows]) for label, rows in curves.items()}
+        plotting.plot_curves(axes, series, xlabel="environment steps per run", ylabel=key.replace("_", " "),
+                             limit=limit, limit_label=f"cost limit {cost_limit:g}", legend=True)
     if title:
         figure.suptitle(title)
-    from pathlib import Path
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    plotting.save(figure, path)

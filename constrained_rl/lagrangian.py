@@ -15,14 +15,20 @@ at once. Every state is a NamedTuple with a float32 scalar field ``multiplier`` 
 ``[0, max_multiplier]``; no rule produces NaN at ``d = 0`` with zero cost (the failure reported in
 OmniSafe issue #384) nor with ``max_multiplier = inf``.
 
+A learner does not call the rules directly: its config holds one :class:`MultiplierConfig` (which kind,
+and every number a kind reads) and builds the rule with :func:`make_rule`, so that every learner's
+multiplier is set the same way (``--multiplier.kind pid --multiplier.init 10``).
+
 Also here: :func:`combined_advantage` (Safe-RLHF's normalised actor advantage) and :class:`CostWindow`
 (the on-device window of recent episode costs that Safe-RLHF averages into ``J_c``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+import typing
+from typing import Any, Callable, Literal, NamedTuple
 
 import chex
 import jax
@@ -287,6 +293,77 @@ def pid(
         )
 
     return MultiplierRule(init, update)
+
+
+# --------------------------------------------------------------------------------------------------
+# one config for every rule
+
+MultiplierKind = Literal["fixed", "log_ascent", "projected_ascent", "pid"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiplierConfig:
+    """A learner's multiplier: which rule, and its numbers. :func:`make_rule` builds the rule.
+
+    The kinds (each rule's docstring above gives its formula):
+
+    * ``fixed``: lambda held at ``init`` (:func:`fixed`);
+    * ``log_ascent``: SGD on ``log lambda`` by ``learning_rate * lambda * (J_c - d)``, lambda kept in
+      ``[min, max]`` (Safe-RLHF's rule, :func:`log_space_ascent`);
+    * ``projected_ascent``: SGD on lambda by ``learning_rate * (J_c - d)``, projected onto ``[0, max]``
+      (OmniSafe's ``Lagrange`` with plain SGD, :func:`projected_ascent`);
+    * ``pid``: ``lambda = min(max(0, kp * P + I + kd * D), max)`` on the gap ``J_c - d`` (Stooke, Achiam &
+      Abbeel 2020, :func:`pid`), ``init`` being lambda before the first update.
+
+    Every field is checked whatever the kind, so a value that another kind would read is never left
+    invalid. A refused value raises :class:`~constrained_rl.config.ConfigError` naming the field; the
+    command line puts the section in front (``multiplier.init``, ``repo.multiplier.init``). The defaults
+    here are the rules' own (PID: OSRL's gains, the paper's smoothing); each learner's config sets its own.
+    """
+
+    kind: MultiplierKind = "projected_ascent"  # fixed, log_ascent (log-space SGD), projected_ascent (on lambda), pid
+    init: float = 0.0  # lambda before the first update; the held value for fixed
+    max: float = math.inf  # cap on lambda (inf: none)
+    min: float = 0.0  # floor on lambda under log_ascent (the other kinds floor at 0)
+    learning_rate: float = 0.1  # SGD step of log_ascent (on log lambda) and projected_ascent (on lambda)
+    kp: float = 0.1  # PID proportional gain
+    ki: float = 0.003  # PID integral gain
+    kd: float = 0.001  # PID derivative gain
+    proportional_ema_alpha: float = 0.95  # PID: EMA weight smoothing the gap in the proportional term (0: none)
+    derivative_ema_alpha: float = 0.95  # PID: EMA weight smoothing J_c in the derivative term (0: none)
+    derivative_delay: int = 10  # PID: the derivative compares the smoothed J_c with its value this many updates ago
+
+    def __post_init__(self) -> None:
+        kinds = typing.get_args(MultiplierKind)
+        require(self.kind in kinds, "kind", f"must be one of {', '.join(kinds)} (got {self.kind!r})")
+        require(self.max > 0, "max", f"must be > 0 (inf for no cap) (got {self.max})")
+        require(0 <= self.init <= self.max and math.isfinite(self.init), "init",
+                f"must be finite and in [0, max={self.max}] (got {self.init})")
+        require(self.kind != "log_ascent" or self.init > 0, "init",
+                f"must be > 0 for log_ascent, where lambda lives in log space (got {self.init})")
+        require(0 <= self.min <= self.init, "min", f"must be in [0, init={self.init}] (got {self.min})")
+        require(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate",
+                f"must be finite and > 0 (got {self.learning_rate})")
+        for name in ("kp", "ki", "kd"):
+            value = getattr(self, name)
+            require(value >= 0 and math.isfinite(value), name, f"must be finite and >= 0 (got {value})")
+        for name in ("proportional_ema_alpha", "derivative_ema_alpha"):
+            value = getattr(self, name)
+            require(0 <= value < 1, name, f"must be in [0, 1) (got {value})")
+        require(isinstance(self.derivative_delay, int) and self.derivative_delay >= 1, "derivative_delay",
+                f"must be an integer >= 1 (got {self.derivative_delay!r})")
+
+
+def make_rule(config: MultiplierConfig) -> MultiplierRule:
+    """The rule ``config.kind`` names, built with the config's numbers (the fields its kind reads)."""
+    if config.kind == "fixed":
+        return fixed(config.init)
+    if config.kind == "log_ascent":
+        return log_space_ascent(config.learning_rate, config.init, config.max, config.min)
+    if config.kind == "projected_ascent":
+        return projected_ascent(config.learning_rate, config.init, config.max)
+    return pid(config.kp, config.ki, config.kd, config.proportional_ema_alpha, config.derivative_ema_alpha,
+               config.derivative_delay, config.init, config.max)
 
 
 # --------------------------------------------------------------------------------------------------

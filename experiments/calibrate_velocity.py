@@ -143,10 +143,10 @@ def calibrate(args: argparse.Namespace, log=None) -> dict:
         "episode_speeds": [round(float(s), 4) for s in speeds],
         "episode_lengths": [int(n) for n in lengths],
         "top_speed": round(top_speed, 4), "threshold": round(0.5 * top_speed, 4),
-        "ppo": {k: getattr(config, k) for k in (
+        "ppo": {**{k: getattr(config, k) for k in (
             "num_envs", "unroll_length", "num_epochs", "num_minibatches", "learning_rate", "discount",
-            "gae_lambda", "entropy_coef", "actor_hidden_sizes", "activation", "init_log_std",
-            "multiplier_rule", "multiplier_init")},
+            "gae_lambda", "entropy_coef", "actor_hidden_sizes", "activation", "init_log_std")},
+            "multiplier_kind": config.multiplier.kind, "multiplier_init": config.multiplier.init},
     }
 
 

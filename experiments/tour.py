@@ -40,7 +40,8 @@ def _tour_offline() -> offline_benchmark.Config:
         task="BallCircle", methods=("bc_safe", "satac"), cost_limits=(20.0,), num_seeds=2,
         eval_episodes=10, eval_every=0, updates_per_chunk=500, collect=_tour_collection(),
         bc_safe=bc.SafeConfig(**small, num_updates=3000),
-        satac=satac.Config(**small, warmup_data="safe", critic_warmup="returns", cost_weight=10.0,
+        satac=satac.Config(**small, warmup_data="safe", critic_warmup="returns",
+                           multiplier=dataclasses.replace(satac.MULTIPLIER, init=10.0),
                            reward_scale=0.1, reference_updates=2000, warmup_updates=2000, num_updates=2000))
 
 

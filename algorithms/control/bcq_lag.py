@@ -37,7 +37,7 @@ from flax import struct
 from flax.training.train_state import TrainState
 
 from algorithms.control import offline, osrl
-from algorithms.control.osrl import OSRLConfig, check_hidden_sizes
+from algorithms.control.osrl import PID_MULTIPLIER, OSRLConfig, check_hidden_sizes
 from constrained_rl import critics, lagrangian
 from constrained_rl.config import require, require_positive_integers
 from constrained_rl.data import dsrl
@@ -57,15 +57,13 @@ class Config(OSRLConfig):
     kl_weight: float = 0.5  # beta of the VAE's KL term (BCQ, OSRL)
     num_sampled_actions: int = 10  # VAE candidates per next state in the target (BCQ, OSRL)
     target_update_rate: float = 0.005  # Polyak tau of the critic and actor targets (OSRL)
-    pid_kp: float = 0.1  # PID proportional gain (OSRL)
-    pid_ki: float = 0.003  # PID integral gain (OSRL)
-    pid_kd: float = 0.001  # PID derivative gain (OSRL)
+    multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: PID_MULTIPLIER)  # lambda's rule
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require_positive("vae_learning_rate", "max_perturbation")
         self.require_unit_interval("target_mix", "target_update_rate")
-        self.require_non_negative("kl_weight", "pid_kp", "pid_ki", "pid_kd")
+        self.require_non_negative("kl_weight")
         require_positive_integers(self, "num_sampled_actions")
         check_hidden_sizes(self.vae_hidden_sizes, "vae_hidden_sizes")
 
@@ -116,7 +114,7 @@ class LearnerState:
     target_actor: Any
     target_critic: Any
     target_cost_critic: Any
-    multiplier: lagrangian.PIDState
+    multiplier: Any  # the cost multiplier's rule state (a PIDState by default)
     cost_threshold: jax.Array  # per-step-converted threshold compared with Q_c, in scaled cost units
 
 
@@ -145,7 +143,7 @@ def decode_candidates(networks: Networks, vae_params: Any, observations: jax.Arr
 
 def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorithm:
     networks = make_networks(config, problem)
-    rule = osrl.make_multiplier_rule(config)
+    rule = lagrangian.make_rule(config.multiplier)
 
     def act(actor_params: Any, vae_params: Any, observations: jax.Array, key: jax.Array) -> jax.Array:
         candidates = decode_candidates(networks, vae_params, observations, key)

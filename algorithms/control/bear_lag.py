@@ -39,9 +39,8 @@ from flax import struct
 from flax.training.train_state import TrainState
 
 from algorithms.control import offline
-from algorithms.control.osrl import (OSRLConfig, check_hidden_sizes, init_train_states,
-                                make_multiplier_rule, make_optimizers, reward_and_cost_critic_steps,
-                                twin_min_q, vae_step)
+from algorithms.control.osrl import (PID_MULTIPLIER, OSRLConfig, check_hidden_sizes, init_train_states,
+                                make_optimizers, reward_and_cost_critic_steps, twin_min_q, vae_step)
 from constrained_rl import critics, distributions, lagrangian
 from constrained_rl.config import require, require_positive_integers
 from constrained_rl.data import dsrl
@@ -51,6 +50,10 @@ from constrained_rl.models.mlp import GaussianActor, QEnsemble
 
 Kernel = Literal["gaussian", "laplacian"]
 LOG_ALPHA_BOUND = 5.0  # log alpha stays in [-5, 5] (BEAR, OSRL)
+# The MMD multiplier alpha: ascent on log alpha by lr * alpha * (mean MMD - epsilon), clipped to [-5, 5] (BEAR),
+# with OSRL's trainer default step 1e-3 and log alpha starting at 0.
+ALPHA = lagrangian.MultiplierConfig(kind="log_ascent", init=1.0, learning_rate=1e-3,
+                                    min=1 / math.exp(LOG_ALPHA_BOUND), max=math.exp(LOG_ALPHA_BOUND))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,6 @@ class Config(OSRLConfig):
 
     num_updates: int = 300_000  # gradient updates (OSRL)
     vae_learning_rate: float = 1e-3  # Adam step of the VAE (OSRL)
-    alpha_learning_rate: float = 1e-3  # step of the ascent on log alpha (OSRL's trainer default)
     vae_hidden_sizes: tuple[int, ...] = (400, 400)  # encoder and decoder widths (OSRL: 400)
     kl_weight: float = 0.5  # beta of the VAE's KL term (OSRL)
     target_mix: float = 0.75  # m in m * min + (1 - m) * max over the twin targets (BEAR, OSRL lmbda)
@@ -68,23 +70,18 @@ class Config(OSRLConfig):
     mmd_kernel: Kernel = "gaussian"  # gaussian or laplacian (OSRL: gaussian)
     mmd_sigma: float = 50.0  # kernel width sigma (OSRL)
     mmd_threshold: float = 0.05  # epsilon: the support constraint MMD <= epsilon (OSRL target_mmd_thresh)
-    init_alpha: float = 1.0  # MMD multiplier before the first update (log alpha starts at 0, OSRL)
+    alpha: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: ALPHA)  # the MMD multiplier's rule
     policy_start_update: int = 0  # updates during which the actor only matches the support (OSRL: 0)
     target_update_rate: float = 0.005  # Polyak tau of the critic and actor targets (OSRL)
-    pid_kp: float = 0.1  # PID proportional gain (OSRL)
-    pid_ki: float = 0.003  # PID integral gain (OSRL)
-    pid_kd: float = 0.001  # PID derivative gain (OSRL)
+    multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: PID_MULTIPLIER)  # lambda's rule
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require_positive("vae_learning_rate", "alpha_learning_rate", "mmd_sigma")
-        self.require_non_negative("kl_weight", "mmd_threshold", "pid_kp", "pid_ki", "pid_kd")
+        self.require_positive("vae_learning_rate", "mmd_sigma")
+        self.require_non_negative("kl_weight", "mmd_threshold")
         self.require_unit_interval("target_mix", "target_update_rate")
         require(self.mmd_kernel in ("gaussian", "laplacian"), "mmd_kernel",
                 f"must be gaussian or laplacian (got {self.mmd_kernel!r})")
-        bound = math.exp(LOG_ALPHA_BOUND)
-        require(1 / bound <= self.init_alpha <= bound, "init_alpha",
-                f"must be in [e^-{LOG_ALPHA_BOUND:g}, e^{LOG_ALPHA_BOUND:g}] (got {self.init_alpha})")
         require(self.policy_start_update >= 0, "policy_start_update", f"must be >= 0 (got {self.policy_start_update})")
         require_positive_integers(self, "num_sampled_actions", "num_mmd_samples")
         check_hidden_sizes(self.vae_hidden_sizes, "vae_hidden_sizes")
@@ -135,13 +132,6 @@ def bear_actor_loss(q_reward: chex.Array, q_cost: chex.Array, mmd_values: chex.A
     return support + multiplier * jnp.mean(q_cost - threshold)
 
 
-def make_alpha_rule(config: Config) -> lagrangian.MultiplierRule:
-    """Ascent on ``log alpha`` by ``lr * alpha * (mean MMD - epsilon)``, clipped to ``[-5, 5]`` (BEAR)."""
-    bound = math.exp(LOG_ALPHA_BOUND)
-    return lagrangian.log_space_ascent(config.alpha_learning_rate, config.init_alpha, max_multiplier=bound,
-                                       min_multiplier=1 / bound)
-
-
 # --------------------------------------------------------------------------------------------------
 # Learner
 
@@ -155,8 +145,8 @@ class LearnerState:
     target_actor: Any
     target_critic: Any
     target_cost_critic: Any
-    alpha: lagrangian.LogSpaceState  # the MMD multiplier
-    multiplier: lagrangian.PIDState  # the cost multiplier
+    alpha: Any  # the MMD multiplier's rule state (a LogSpaceState by default)
+    multiplier: Any  # the cost multiplier's rule state (a PIDState by default)
     cost_threshold: jax.Array  # per-step-converted threshold compared with Q_c, in scaled cost units
 
 
@@ -180,7 +170,7 @@ def make_networks(config: Config, problem: offline.Problem) -> Networks:
 
 def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorithm:
     networks = make_networks(config, problem)
-    cost_rule, alpha_rule = make_multiplier_rule(config), make_alpha_rule(config)
+    cost_rule, alpha_rule = lagrangian.make_rule(config.multiplier), lagrangian.make_rule(config.alpha)
 
     def sample_pre_squash(actor_params: Any, observations: jax.Array, key: jax.Array) -> jax.Array:
         """Reparameterised ``u ~ N(mean(s), std(s))``; the action is ``tanh(u)``."""

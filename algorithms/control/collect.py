@@ -41,7 +41,7 @@ SNAPSHOT_DIR = "snapshots"
 def _quick_behaviour_config() -> ppo_lag.Config:
     # Small rollouts so that many snapshots are taken; the learning rate and clip are PPO's defaults.
     return ppo_lag.Config(num_envs=16, unroll_length=100, num_epochs=5, num_minibatches=4,
-                          total_env_steps=400_000, multiplier_rule="ascent", multiplier_lr=0.05)
+                          total_env_steps=400_000, multiplier=ppo_lag.MULTIPLIER)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,8 @@ from constrained_rl.config import require
 
 Learner = Literal["average", "rectified"]
 LEARNERS: tuple[Learner, ...] = ("average", "rectified")
+# Projected dual ascent on lambda from 0, step 20, projected onto [0, 100].
+MULTIPLIER = lagrangian.MultiplierConfig(kind="projected_ascent", init=0.0, max=100.0, learning_rate=20.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +57,7 @@ class Config:
     checkpoint_every: int = 10  # chunks between checkpoints
     learning_rate: float = 1.0  # SGD step size on each context's logits
     entropy_coef: float = 0.005  # weight of the mean policy entropy bonus
-    multiplier_learning_rate: float = 20.0  # projected dual ascent step on lambda
-    max_multiplier: float = 100.0  # lambda is projected onto [0, max_multiplier]
+    multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: MULTIPLIER)  # lambda's rule
     gradient: Literal["exact", "sampled"] = "exact"  # autodiff of E[.] or REINFORCE from samples
     samples_per_context: int = 16  # K actions sampled per context per step ("sampled" only)
     seed: int = 0  # builds the tables and seeds the sampling
@@ -80,10 +81,6 @@ class Config:
                 f"must be >= 1, got {self.checkpoint_every}")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         require(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
-        require(self.multiplier_learning_rate > 0, "multiplier_learning_rate",
-                f"must be > 0, got {self.multiplier_learning_rate}")
-        require(self.max_multiplier > 0, "max_multiplier",
-                f"must be > 0, got {self.max_multiplier}")
         require(self.samples_per_context >= 2, "samples_per_context",
                 f"must be >= 2 (leave-one-out baseline), got {self.samples_per_context}")
 
@@ -202,9 +199,7 @@ def make_learner(config: Config, learner: Learner):
     # (Adam would normalise the step to ~learning_rate whatever lambda is, and contexts would
     # chatter across their limit.)
     optimizer = optax.sgd(config.learning_rate)
-    rule = lagrangian.projected_ascent(
-        config.multiplier_learning_rate, init_multiplier=0.0, max_multiplier=config.max_multiplier
-    )
+    rule = lagrangian.make_rule(config.multiplier)
     limit = multiplier_limit(learner, config.cost_limit)
 
     def init_state() -> BanditState:

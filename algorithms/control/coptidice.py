@@ -314,6 +314,8 @@ def make_algorithm(config: Config, problem: offline.Problem, statistics: Dataset
         nu = state.nu.apply_gradients(grads=grads)
 
         # lambda descends on lambda * (c_hat - E[w c]): it grows while the cost estimate exceeds c_hat.
+        # Not a lagrangian.MultiplierConfig rule: OSRL moves softplus(raw) by Adam on raw, a step no kind
+        # there takes (Adam's does not scale with the gap, and softplus is not the log), so it stays here.
         multiplier = state.multiplier.apply_gradients(grads=jax.grad(
             lambda raw: positive(raw) * (state.cost_threshold - weighted_cost))(state.multiplier.params))
 

@@ -15,7 +15,7 @@ value exceeds the threshold as unusable. One update, in OSRL's order:
 3. Cost critic (twin Q): TD to ``y_c = c + gamma (1 - terminal) min_e Q_c,targ(s', a')`` minus the
    conservative term ``alpha * (E_{s, a~nu}[Q_c(s, a)] - l_c)`` that pushes ``Q_c`` *up* on the OOD
    actions ``nu``. ``alpha`` is a Lagrange multiplier: projected ascent on ``l_c - E_nu[Q_c]``, clipped to
-   ``[0, alpha_max]``, so it grows while OOD actions still look cheaper than ``l_c = 1.5 l`` (OSRL).
+   ``[0, alpha.max]``, so it grows while OOD actions still look cheaper than ``l_c = 1.5 l`` (OSRL).
 4. Actor (tanh-Gaussian): maximise ``mean 1[min_e Q_c(s, a) <= l] min_e Q_r(s, a)``, ``a ~ pi(s)``.
 5. Polyak averaging of both critics' targets.
 
@@ -44,6 +44,11 @@ from constrained_rl.models import vae
 from constrained_rl.models import mlp
 from constrained_rl.models.mlp import GaussianActor, QEnsemble
 
+# CPQ's alpha: projected ascent on alpha, fed (-E_nu[Q_c], -l_c) so that it steps by lr * (l_c - E_nu[Q_c]),
+# clipped to [0, 1], from 0 with step 1e-3 (OSRL); --alpha.kind fixed holds it at alpha.init (the paper's
+# fixed-weight form).
+ALPHA = lagrangian.MultiplierConfig(kind="projected_ascent", init=0.0, max=1.0, learning_rate=1e-3)
+
 
 @dataclasses.dataclass(frozen=True)
 class Config(OSRLConfig):
@@ -52,9 +57,7 @@ class Config(OSRLConfig):
     num_updates: int = 100_000  # gradient updates (OSRL)
     actor_learning_rate: float = 1e-4  # Adam step of the actor (OSRL)
     vae_learning_rate: float = 1e-3  # Adam step of the VAE (OSRL)
-    alpha_learning_rate: float = 1e-3  # step of the projected ascent on alpha; 0 holds alpha (OSRL)
-    alpha_init: float = 0.0  # alpha before the first update (OSRL)
-    alpha_max: float = 1.0  # upper clip of alpha (OSRL)
+    alpha: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: ALPHA)  # alpha's rule
     vae_hidden_sizes: tuple[int, ...] = (400, 400)  # encoder and decoder widths (OSRL: 400)
     kl_weight: float = 0.5  # beta of the VAE's KL term (OSRL config)
     num_sampled_actions: int = 10  # policy actions per state scored for being OOD (OSRL)
@@ -64,10 +67,8 @@ class Config(OSRLConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require_positive("vae_learning_rate", "alpha_max")
-        self.require_non_negative("alpha_learning_rate", "kl_weight", "cost_threshold_scale")
-        require(0.0 <= self.alpha_init <= self.alpha_max, "alpha_init",
-                f"must be in [0, alpha_max={self.alpha_max}] (got {self.alpha_init})")
+        self.require_positive("vae_learning_rate")
+        self.require_non_negative("kl_weight", "cost_threshold_scale")
         self.require_unit_interval("ood_quantile", "target_update_rate")
         require_positive_integers(self, "num_sampled_actions")
         check_hidden_sizes(self.vae_hidden_sizes, "vae_hidden_sizes")
@@ -142,7 +143,7 @@ class LearnerState:
     vae: TrainState
     target_critic: Any
     target_cost_critic: Any
-    alpha: lagrangian.ProjectedState
+    alpha: Any  # alpha's rule state (a ProjectedState by default)
     cost_threshold: jax.Array  # l, in scaled cost units
 
 
@@ -161,16 +162,9 @@ def make_networks(config: Config, problem: offline.Problem) -> Networks:
     )
 
 
-def make_alpha_rule(config: Config) -> lagrangian.MultiplierRule:
-    """Projected ascent on alpha; fed ``(-E_nu[Q_c], -l_c)`` it steps by ``lr * (l_c - E_nu[Q_c])``."""
-    if config.alpha_learning_rate == 0:
-        return lagrangian.fixed(config.alpha_init)
-    return lagrangian.projected_ascent(config.alpha_learning_rate, config.alpha_init, config.alpha_max)
-
-
 def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorithm:
     networks = make_networks(config, problem)
-    alpha_rule = make_alpha_rule(config)
+    alpha_rule = lagrangian.make_rule(config.alpha)
 
     def sample_actions(actor_params: Any, observations: jax.Array, key: jax.Array) -> jax.Array:
         mean, log_std = networks.actor.apply({"params": actor_params}, observations)

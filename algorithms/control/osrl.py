@@ -167,7 +167,8 @@ def init_train_states(actor: nn.Module, critic: QEnsemble, vae_model: vae.Condit
 
 
 
-def make_multiplier_rule(config: Any) -> lagrangian.MultiplierRule:
-    """OSRL's unsmoothed PID controller: no EMA on the error, derivative over one step."""
-    return lagrangian.pid(config.pid_kp, config.pid_ki, config.pid_kd, proportional_ema_alpha=0.0,
-                          derivative_ema_alpha=0.0, derivative_delay=1)
+# The cost multiplier of BCQ-Lag and BEAR-Lag: OSRL's PID controller (gains 0.1, 0.003, 0.001), unsmoothed
+# (no EMA on the error, the derivative over one step), lambda starting at 0 with no cap.
+PID_MULTIPLIER = lagrangian.MultiplierConfig(kind="pid", init=0.0, max=math.inf, kp=0.1, ki=0.003,
+                                             kd=0.001, proportional_ema_alpha=0.0,
+                                             derivative_ema_alpha=0.0, derivative_delay=1)

@@ -59,11 +59,15 @@ from constrained_rl.models.mlp import GaussianActor, QEnsemble
 
 Params = Any
 Reference = Literal["behaviour", "bc_safe", "threshold"]
-MultiplierRuleName = Literal["fixed", "ascent", "pid"]
 WarmupData = Literal["all", "safe"]
 CriticWarmup = Literal["bellman", "returns"]
 PenaltyAction = Literal["sample", "mode"]
 CostTarget = Literal["max", "mean"]
+
+# lambda fixed at 1 (the paper's aggression-limited objective, lambda a hyperparameter). Under
+# --multiplier.kind projected_ascent or pid it starts there, capped at 100; the PID gains are OSRL's BCQ-Lag.
+MULTIPLIER = lagrangian.MultiplierConfig(kind="fixed", init=1.0, max=100.0, learning_rate=0.01,
+                                         kp=0.1, ki=0.003, kd=0.001)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,16 +76,10 @@ class Config(offline.OfflineConfig):
 
     use_cost_critic: bool = True  # SATAC; false gives ATAC (reward critic only, no cost penalty)
     reference: Reference = "bc_safe"  # a_ref of the actor penalty: behaviour, bc_safe or threshold
-    cost_weight: float = 1.0  # lambda: the fixed penalty weight, or the initial one under a rule
+    multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: MULTIPLIER)  # lambda's rule
     penalty_action: PenaltyAction = "sample"  # the actor's action in the penalty: a sample of pi, or its mode
     threshold_floor: bool = False  # the actor pays only above max(f_c(s, a_ref), per-step threshold)
     cost_target: CostTarget = "max"  # twin reduction in the cost critic's Bellman target: max or mean
-    multiplier_rule: MultiplierRuleName = "fixed"  # fixed (SATAC), ascent (projected SGD) or pid
-    multiplier_lr: float = 0.01  # step size of the ascent rule
-    multiplier_max: float = 100.0  # upper clamp of lambda under a rule
-    pid_kp: float = 0.1  # PID proportional gain (OSRL BCQ-Lag)
-    pid_ki: float = 0.003  # PID integral gain (OSRL BCQ-Lag)
-    pid_kd: float = 0.001  # PID derivative gain (OSRL BCQ-Lag)
     beta: float = 4.0  # Bellman weight of both critics (ATAC: 1 to 16)
     cost_beta: float | None = None  # Bellman weight of the cost critic alone; none: beta
     reward_scale: float = 1.0  # rewards are multiplied by this before any loss sees them (ATAC: 1; OSRL: 0.1)
@@ -117,19 +115,13 @@ class Config(offline.OfflineConfig):
                 f"must be sample or mode (got {self.penalty_action!r})")
         require(self.cost_target in ("max", "mean"), "cost_target",
                 f"must be max or mean (got {self.cost_target!r})")
-        require(self.multiplier_rule in ("fixed", "ascent", "pid"), "multiplier_rule",
-                f"must be fixed, ascent or pid (got {self.multiplier_rule!r})")
         for name in ("actor_learning_rate", "critic_learning_rate", "alpha_learning_rate", "init_alpha",
-                     "critic_norm", "multiplier_lr", "multiplier_max", "reference_learning_rate",
+                     "critic_norm", "reference_learning_rate",
                      "reward_scale", "cost_scale"):
             value = getattr(self, name)
             require(value > 0, name, f"must be > 0 (got {value})")
-        for name in ("beta", "pid_kp", "pid_ki", "pid_kd"):
-            value = getattr(self, name)
-            require(value >= 0, name, f"must be >= 0 (got {value})")
+        require(self.beta >= 0, "beta", f"must be >= 0 (got {self.beta})")
         require(self.cost_beta is None or self.cost_beta >= 0, "cost_beta", f"must be >= 0 (got {self.cost_beta})")
-        require(0 <= self.cost_weight <= self.multiplier_max, "cost_weight",
-                f"must be in [0, multiplier_max={self.multiplier_max}] (got {self.cost_weight})")
         require(0 < self.tau <= 1, "tau", f"must be in (0, 1] (got {self.tau})")
         for name in ("safe_fraction", "top_reward_fraction"):
             value = getattr(self, name)
@@ -158,7 +150,7 @@ class Config(offline.OfflineConfig):
         """Whether training depends on kappa: through the reference, the threshold, the rule or the
         warm start's data."""
         return self.warmup_data == "safe" or self.use_cost_critic and (
-            self.reference != "behaviour" or self.multiplier_rule != "fixed" or self.threshold_floor)
+            self.reference != "behaviour" or self.multiplier.kind != "fixed" or self.threshold_floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,15 +273,6 @@ class Learner(NamedTuple):
         return -float(self.problem.action_size)
 
 
-def make_multiplier_rule(config: Config) -> lagrangian.MultiplierRule:
-    if config.multiplier_rule == "ascent":
-        return lagrangian.projected_ascent(config.multiplier_lr, config.cost_weight, config.multiplier_max)
-    if config.multiplier_rule == "pid":
-        return lagrangian.pid(config.pid_kp, config.pid_ki, config.pid_kd, init_multiplier=config.cost_weight,
-                              max_multiplier=config.multiplier_max)
-    return lagrangian.fixed(config.cost_weight)
-
-
 def make_learner(config: Config, problem: offline.Problem) -> Learner:
     networks = Networks(
         actor=mlp.state_dependent_actor(problem.action_size, config.hidden_sizes),
@@ -301,7 +284,7 @@ def make_learner(config: Config, problem: offline.Problem) -> Learner:
     return Learner(config, problem, networks, optax.adam(config.actor_learning_rate),
                    optax.adam(config.critic_learning_rate), optax.adam(config.alpha_learning_rate),
                    optax.adam(config.critic_learning_rate), optax.adam(config.reference_learning_rate),
-                   make_multiplier_rule(config))
+                   lagrangian.make_rule(config.multiplier))
 
 
 def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array) -> SATACState:

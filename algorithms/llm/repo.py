@@ -21,10 +21,10 @@ Lagrangian advantage, the others the reward advantage.
   the sampled response's own cost. ``K > 1`` goes past the paper: it gates on an estimate of the
   prompt's expected cost, so a prompt's safe responses are rewarded (through ``-lambda A_c``) while its
   expected cost is over the limit.
-* lambda: fixed, or dual ascent on the mean rectified violation ``E_x[{C(x) - d}^+]`` against 0
-  (``penalties.rectified_penalty``) with Safe-RLHF's log-space rule (``lagrangian.log_space_ascent``),
-  the same code and defaults as :mod:`algorithms.llm.safe_rlhf`. The paper does not pin its lambda rule
-  down; both are offered.
+* lambda: fixed (``repo.multiplier.kind fixed``), or dual ascent on the mean rectified violation
+  ``E_x[{C(x) - d}^+]`` against 0 (``penalties.rectified_penalty``) with Safe-RLHF's log-space rule
+  (``log_ascent``, ``lagrangian.log_space_ascent``), the same code and defaults as
+  :mod:`algorithms.llm.safe_rlhf`. The paper does not pin its lambda rule down; both are offered.
 
 Baselines from the same code (:func:`baseline_signal`): plain PPO (lambda = 0, the cost ignored) and fixed
 reward shaping (a constant lambda on every response, i.e. ``r - lambda c`` up to the ``1 + lambda``
@@ -34,7 +34,6 @@ scale that keeps the KL weight at beta).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import jax
 
@@ -42,33 +41,25 @@ from algorithms.llm import rlhf_ppo
 from constrained_rl import lagrangian, penalties
 from constrained_rl.config import require
 
-MultiplierMode = Literal["ascent", "fixed"]
+# Safe-RLHF's log-space rule and defaults on the mean rectified violation: step 0.1, lambda from 1, cap 5.
+MULTIPLIER = lagrangian.MultiplierConfig(kind="log_ascent", init=1.0, max=5.0, learning_rate=0.1)
+KINDS = ("log_ascent", "fixed")  # the lambda rules RePO offers
 
 
 @dataclasses.dataclass(frozen=True)
 class RePOConfig:
     """RePO's multiplier settings."""
 
-    multiplier: MultiplierMode = "ascent"  # "ascent" on the mean rectified violation, or "fixed" at lambda_init
-    lambda_init: float = 1.0  # initial (or fixed) multiplier
-    lambda_max: float = 5.0  # cap on the multiplier (ascent)
-    lambda_learning_rate: float = 0.1  # SGD step on log lambda (ascent)
+    multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: MULTIPLIER)  # lambda's rule
 
     def __post_init__(self) -> None:
-        require(self.multiplier in ("ascent", "fixed"), "multiplier",
-                f"must be 'ascent' or 'fixed', got {self.multiplier!r}")
-        require(0 < self.lambda_init <= self.lambda_max, "lambda_init",
-                f"must be in (0, lambda_max={self.lambda_max}], got {self.lambda_init}")
-        require(self.lambda_learning_rate > 0, "lambda_learning_rate",
-                f"must be > 0, got {self.lambda_learning_rate}")
+        require(self.multiplier.kind in KINDS, "multiplier.kind",
+                f"must be {' or '.join(KINDS)} for RePO (got {self.multiplier.kind!r})")
 
 
 def cost_signal(config: RePOConfig, cost_limit: float) -> rlhf_ppo.CostSignal:
     """The per-prompt constraint: gate on ``C(x) > d``; lambda fixed or ascending on ``E_x[{C(x) - d}^+]``."""
-    if config.multiplier == "fixed":
-        rule = lagrangian.fixed(config.lambda_init)
-    else:
-        rule = lagrangian.log_space_ascent(config.lambda_learning_rate, config.lambda_init, config.lambda_max)
+    rule = lagrangian.make_rule(config.multiplier)
 
     def mean_rectified_violation(window: lagrangian.CostWindow, group_costs: jax.Array) -> jax.Array:
         del window  # RePO's constraint is on this step's prompts, not on a running average
@@ -81,7 +72,12 @@ def cost_signal(config: RePOConfig, cost_limit: float) -> rlhf_ppo.CostSignal:
     return rlhf_ppo.CostSignal(rule, mean_rectified_violation, 0.0, violating_prompts)
 
 
-def baseline_signal(multiplier: float) -> rlhf_ppo.CostSignal:
-    """Plain PPO (``multiplier = 0``) or fixed reward shaping (``multiplier > 0``, every response)."""
-    require(multiplier >= 0, "shaping_multiplier", f"must be >= 0, got {multiplier}")
-    return rlhf_ppo.fixed_multiplier_signal(multiplier)
+PPO_MULTIPLIER = lagrangian.MultiplierConfig(kind="fixed", init=0.0)  # plain PPO: the cost never reaches the actor
+SHAPING_MULTIPLIER = lagrangian.MultiplierConfig(kind="fixed", init=2.0)  # the shaping baseline's lambda
+
+
+def baseline_signal(multiplier: lagrangian.MultiplierConfig) -> rlhf_ppo.CostSignal:
+    """Plain PPO (fixed at 0) or fixed reward shaping (fixed above 0), on every response."""
+    require(multiplier.kind == "fixed", "shaping_multiplier.kind",
+            f"must be fixed: a baseline's lambda is a constant (got {multiplier.kind!r})")
+    return rlhf_ppo.CostSignal(lagrangian.make_rule(multiplier), rlhf_ppo.window_mean_cost, 0.0, rlhf_ppo.gate_all)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from algorithms.llm import common, repo, rlhf_ppo, safe_rlhf, score_models, sft
-from constrained_rl import llm_evaluation, parallel, plotting
+from constrained_rl import lagrangian, llm_evaluation, parallel, plotting
 from constrained_rl.config import ConfigError, require
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import hf_checkpoint, score
@@ -94,7 +94,8 @@ class Config:
     train_cost_limit: float | None = None
     safe_rlhf: safe_rlhf.SafeRLHFConfig = safe_rlhf.SafeRLHFConfig()  # Safe-RLHF's multiplier
     repo: repo.RePOConfig = repo.RePOConfig()  # RePO's multiplier
-    shaping_multiplier: float = 2.0  # the fixed lambda of the shaping baseline
+    shaping_multiplier: lagrangian.MultiplierConfig = dataclasses.field(  # the shaping baseline's lambda (fixed)
+        default_factory=lambda: repo.SHAPING_MULTIPLIER)
     ptx: bool = False  # mix the SFT loss into the actor loss (ppo.ptx_coeff), on the SFT data
     # Evaluation
     eval_responses_per_prompt: int = 4  # sampled responses per held-out prompt
@@ -113,7 +114,8 @@ class Config:
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         require(self.num_steps % self.steps_per_chunk == 0, "num_steps",
                 f"must be a multiple of steps_per_chunk={self.steps_per_chunk}, got {self.num_steps}")
-        require(self.shaping_multiplier >= 0, "shaping_multiplier", f"must be >= 0, got {self.shaping_multiplier}")
+        require(self.shaping_multiplier.kind == "fixed", "shaping_multiplier.kind",
+                f"must be fixed: shaping is a constant lambda (got {self.shaping_multiplier.kind!r})")
         require(math.isfinite(self.cost_limit), "cost_limit", f"must be finite, got {self.cost_limit}")
         require(self.train_cost_limit is None or math.isfinite(self.train_cost_limit), "train_cost_limit",
                 f"must be finite, got {self.train_cost_limit}")
@@ -139,7 +141,7 @@ def cost_signal(method: str, config: Config) -> rlhf_ppo.CostSignal:
         return safe_rlhf.cost_signal(config.safe_rlhf, config.training_cost_limit)
     if method == "repo":
         return repo.cost_signal(config.repo, config.training_cost_limit)
-    return repo.baseline_signal(config.shaping_multiplier if method == "shaping" else 0.0)
+    return repo.baseline_signal(config.shaping_multiplier if method == "shaping" else repo.PPO_MULTIPLIER)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -192,11 +192,6 @@ def window_mean_cost(window: lagrangian.CostWindow, group_costs: jax.Array) -> j
     return window.mean()
 
 
-def fixed_multiplier_signal(value: float) -> CostSignal:
-    """A constant multiplier on every response: plain PPO (0) or fixed reward shaping (> 0)."""
-    return CostSignal(lagrangian.fixed(value), window_mean_cost, 0.0, gate_all)
-
-
 def actor_advantages(reward_advantages: jax.Array, cost_advantages: jax.Array, multiplier: jax.Array,
                      gates: jax.Array) -> jax.Array:
     """``(A_r - lambda w_i A_c) / (1 + lambda w_i)`` per token; advantages ``[N, T]``, gates ``[N]``.

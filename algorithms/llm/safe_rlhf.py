@@ -7,9 +7,9 @@ Everything but the cost handling is the shared LM-PPO machinery of :mod:`algorit
 enters through:
 
 * the multiplier: ``lambda = exp(log_lambda)``, updated once per RL step by plain SGD with step 0.1 on
-  ``-(J_c - d) * lambda`` and capped at ``lambda_max = 5`` (``lagrangian.log_space_ascent``), where
-  ``J_c`` is the mean cost of the last 128 sampled responses (``lagrangian.CostWindow``), lambda_init 1,
-  d = 0 (cost <= 0 means safe);
+  ``-(J_c - d) * lambda`` and capped at 5 (``log_ascent``, ``lagrangian.log_space_ascent``), where
+  ``J_c`` is the mean cost of the last 128 sampled responses (``lagrangian.CostWindow``), lambda starting
+  at 1, d = 0 (cost <= 0 means safe);
 * the actor advantage ``(A_r - lambda A_c) / (1 + lambda)`` on *every* response (gate 1).
 
 Because only the average is constrained, slack from prompts answered very safely (or refused) can pay for
@@ -25,24 +25,23 @@ from constrained_rl import lagrangian
 from constrained_rl.config import require
 
 
+# Safe-RLHF's: SGD with step 0.1 on log lambda, lambda starting at 1 and capped at 5.
+MULTIPLIER = lagrangian.MultiplierConfig(kind="log_ascent", init=1.0, max=5.0, learning_rate=0.1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SafeRLHFConfig:
     """Safe-RLHF's multiplier settings (its defaults)."""
 
-    lambda_init: float = 1.0  # initial multiplier
-    lambda_max: float = 5.0  # cap on the multiplier
-    lambda_learning_rate: float = 0.1  # SGD step on log lambda
+    multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: MULTIPLIER)  # lambda's rule
     cost_window: int = 128  # J_c averages the costs of this many most recent responses
 
     def __post_init__(self) -> None:
-        require(0 < self.lambda_init <= self.lambda_max, "lambda_init",
-                f"must be in (0, lambda_max={self.lambda_max}], got {self.lambda_init}")
-        require(self.lambda_learning_rate > 0, "lambda_learning_rate",
-                f"must be > 0, got {self.lambda_learning_rate}")
         require(self.cost_window >= 1, "cost_window", f"must be >= 1, got {self.cost_window}")
 
 
 def cost_signal(config: SafeRLHFConfig, cost_limit: float) -> rlhf_ppo.CostSignal:
-    """The average constraint: log-space ascent on ``J_c - d`` (window mean), cost advantage on every response."""
-    rule = lagrangian.log_space_ascent(config.lambda_learning_rate, config.lambda_init, config.lambda_max)
+    """The average constraint: lambda's rule (log-space ascent) on ``J_c - d`` (window mean), cost advantage on
+    every response."""
+    rule = lagrangian.make_rule(config.multiplier)
     return rlhf_ppo.CostSignal(rule, rlhf_ppo.window_mean_cost, cost_limit, rlhf_ppo.gate_all)

@@ -302,3 +302,62 @@ def test_constraint_value_must_be_scalar():
     rule = lagrangian.projected_ascent(0.1)
     with pytest.raises(AssertionError):
         rule.update(rule.init(), jnp.zeros(3), jnp.float32(0.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# MultiplierConfig and make_rule
+
+
+@pytest.mark.parametrize("field, settings", [
+    ("kind", dict(kind="ascent")),
+    ("init", dict(init=-1.0)),
+    ("init", dict(init=6.0, max=5.0)),
+    ("init", dict(kind="log_ascent", init=0.0)),
+    ("init", dict(init=math.inf)),
+    ("max", dict(max=0.0)),
+    ("min", dict(min=2.0, init=1.0)),
+    ("min", dict(min=-1.0)),
+    ("learning_rate", dict(learning_rate=0.0)),
+    ("learning_rate", dict(learning_rate=math.inf)),
+    ("kp", dict(kp=-0.1)),
+    ("ki", dict(ki=math.nan)),
+    ("kd", dict(kd=-1.0)),
+    ("proportional_ema_alpha", dict(proportional_ema_alpha=1.0)),
+    ("derivative_ema_alpha", dict(derivative_ema_alpha=-0.1)),
+    ("derivative_delay", dict(derivative_delay=0)),
+    ("derivative_delay", dict(derivative_delay=2.5)),
+])
+def test_multiplier_config_refuses_a_bad_value_naming_the_field(field, settings):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        lagrangian.MultiplierConfig(**settings)
+
+
+def test_multiplier_config_accepts_every_kind_and_an_unbounded_multiplier():
+    for kind in ("fixed", "log_ascent", "projected_ascent", "pid"):
+        config = lagrangian.MultiplierConfig(kind=kind, init=1.0, max=math.inf)
+        assert float(multiplier(lagrangian.make_rule(config).init())) == 1.0
+
+
+SETTINGS = dict(init=0.5, max=3.0, min=0.1, learning_rate=0.3, kp=0.4, ki=0.2, kd=0.1,
+                proportional_ema_alpha=0.5, derivative_ema_alpha=0.25, derivative_delay=2)
+DIRECT_RULES = {
+    "fixed": lagrangian.fixed(0.5),
+    "log_ascent": lagrangian.log_space_ascent(learning_rate=0.3, init_multiplier=0.5, max_multiplier=3.0,
+                                              min_multiplier=0.1),
+    "projected_ascent": lagrangian.projected_ascent(0.3, init_multiplier=0.5, max_multiplier=3.0),
+    "pid": lagrangian.pid(kp=0.4, ki=0.2, kd=0.1, proportional_ema_alpha=0.5, derivative_ema_alpha=0.25,
+                          derivative_delay=2, init_multiplier=0.5, max_multiplier=3.0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DIRECT_RULES))
+def test_make_rule_builds_the_rule_its_kind_names(kind):
+    built = lagrangian.make_rule(lagrangian.MultiplierConfig(kind=kind, **SETTINGS))
+    direct = DIRECT_RULES[kind]
+    chex.assert_trees_all_equal(built.init(), direct.init())
+    built_state, direct_state = built.init(), direct.init()
+    for cost, limit in ((2.0, 1.0), (5.0, 1.0), (0.0, 1.0), (-3.0, 0.5), (1.5, 1.5), (4.0, 0.0)):
+        built_state = built.update(built_state, jnp.float32(cost), jnp.float32(limit))
+        direct_state = direct.update(direct_state, jnp.float32(cost), jnp.float32(limit))
+        chex.assert_trees_all_equal(built_state, direct_state)
+    assert kind == "fixed" or float(multiplier(built_state)) != 0.5  # the updates did move lambda

@@ -67,7 +67,7 @@ def test_tiny_calibration_prints_top_speed_and_half_of_it(monkeypatch, capsys):
     assert record["top_speed"] == pytest.approx(np.mean(speeds), abs=1e-3)
     assert record["threshold"] == pytest.approx(0.5 * record["top_speed"], abs=1e-4)
     # Plain PPO: the multiplier is held at 0, so the cost never reaches the policy.
-    assert record["ppo"]["multiplier_rule"] == "fixed" and record["ppo"]["multiplier_init"] == 0.0
+    assert record["ppo"]["multiplier_kind"] == "fixed" and record["ppo"]["multiplier_init"] == 0.0
     progress = [json.loads(line) for line in captured.err.splitlines() if line.startswith('{"chunk"')]
     assert [row["chunk"] for row in progress] == [1, 2]
 

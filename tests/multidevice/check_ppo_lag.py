@@ -9,6 +9,8 @@ up to float reassociation in the cross-device sums.
 
 from __future__ import annotations
 
+import dataclasses
+
 from tests.multidevice.harness import assert_placed_on, assert_trees_close, fake_devices
 
 fake_devices()
@@ -22,8 +24,8 @@ from constrained_rl.envs.navigation import make_navigation  # noqa: E402
 
 CONFIG = ppo_lag.Config(task="BallCircle", num_seeds=2, num_envs=8, unroll_length=16, num_epochs=2,
                         num_minibatches=2, actor_hidden_sizes=(16,), critic_hidden_sizes=(16,),
-                        total_env_steps=8 * 16 * 2, cost_limit=0.5, multiplier_init=1.0,
-                        multiplier_lr=0.05)
+                        total_env_steps=8 * 16 * 2, cost_limit=0.5,
+                        multiplier=dataclasses.replace(ppo_lag.MULTIPLIER, init=1.0, learning_rate=0.05))
 # Tolerances: 2 iterations x 4 Adam steps; only the order of float additions differs.
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -50,7 +52,7 @@ def main() -> None:
     sharded_state, sharded_metrics = chunk(placed)
 
     assert float(jnp.sum(expected_metrics["episodes"])) > 0, "no episode completed: the multiplier never moved"
-    moved = lagrangian.multiplier(expected_state.multiplier_state) - CONFIG.multiplier_init
+    moved = lagrangian.multiplier(expected_state.multiplier_state) - CONFIG.multiplier.init
     assert float(jnp.min(jnp.abs(moved))) > 1e-3, "the multiplier did not move"
     assert_trees_close("ppo_lag_params", sharded_state.params, expected_state.params, rtol=RTOL, atol=ATOL)
     assert_trees_close("ppo_lag_multiplier", sharded_state.multiplier_state, expected_state.multiplier_state,

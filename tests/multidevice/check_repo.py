@@ -48,8 +48,8 @@ def main() -> None:
     pool = rlhf_ppo.PromptPool(jnp.asarray(prompts.tokens), jnp.asarray(prompts.attention_mask, jnp.int32))
     ppo = rlhf_ppo.PPOConfig(actor_learning_rate=1e-3, critic_learning_rate=1e-3, max_new_tokens=4,
                              warmup_ratio=0.0, actor_lr_schedule="constant", ppo_epochs=1, num_minibatches=2)
-    signal = repo.cost_signal(repo.RePOConfig(multiplier="ascent", lambda_init=1.0, lambda_learning_rate=0.5),
-                              cost_limit=0.0)
+    multiplier = lagrangian.MultiplierConfig(kind="log_ascent", init=1.0, max=5.0, learning_rate=0.5)
+    signal = repo.cost_signal(repo.RePOConfig(multiplier=multiplier), cost_limit=0.0)
     step = rlhf_ppo.make_rl_step(models, ppo, signal, rlhf_ppo.StepSpec(8, 2, 0.0), STEPS)
     chunk = rlhf_ppo.make_chunk(step, STEPS)
     state = rlhf_ppo.init_state(ppo, signal, params, critic_params, critic_params, jax.random.PRNGKey(2), STEPS)

@@ -20,9 +20,9 @@ from algorithms.control import offline, satac  # noqa: E402
 from constrained_rl import lagrangian, parallel  # noqa: E402
 from constrained_rl.data import dsrl  # noqa: E402
 
-CONFIG = satac.Config(hidden_sizes=(16, 16), batch_size=32, reference="behaviour", multiplier_rule="ascent",
-                      multiplier_lr=0.5, cost_weight=1.0, actor_learning_rate=1e-3, alpha_learning_rate=1e-3,
-                      cost_limits=(10.0,))
+MULTIPLIER = lagrangian.MultiplierConfig(kind="projected_ascent", init=1.0, max=100.0, learning_rate=0.5)
+CONFIG = satac.Config(hidden_sizes=(16, 16), batch_size=32, reference="behaviour", multiplier=MULTIPLIER,
+                      actor_learning_rate=1e-3, alpha_learning_rate=1e-3, cost_limits=(10.0,))
 PROBLEM = offline.Problem(observation_size=4, action_size=2, episode_length=20)
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -50,7 +50,7 @@ def check_data_parallel_updates() -> None:
     expected = state
     for batch, key in zip(batches, keys[3:]):
         expected, expected_metrics = update(expected, batch, key)
-    moved = lagrangian.multiplier(expected.multiplier_state) - CONFIG.cost_weight
+    moved = lagrangian.multiplier(expected.multiplier_state) - CONFIG.multiplier.init
     assert abs(float(moved)) > 1e-4, "the multiplier did not move"
 
     mesh = parallel.make_mesh()

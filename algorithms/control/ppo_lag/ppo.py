@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 
+from algorithms.control.ppo_lag.train import MULTIPLIER as PPO_LAG_MULTIPLIER
 from algorithms.control.ppo_lag.train import Config as PPOLagConfig
-from algorithms.control.ppo_lag.train import MultiplierRuleName, run
+from algorithms.control.ppo_lag.train import run
+from constrained_rl import lagrangian
 
 __all__ = ["Config", "run"]
+
+# lambda held at 0, so cost never enters the actor loss; PPO-Lagrangian's other multiplier settings are kept.
+MULTIPLIER = dataclasses.replace(PPO_LAG_MULTIPLIER, kind="fixed", init=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(PPOLagConfig):
     """PPO-Lagrangian's config with the multiplier fixed at zero."""
 
-    multiplier_rule: MultiplierRuleName = "fixed"  # held constant: plain PPO never adapts lambda
-    multiplier_init: float = 0.0  # lambda = 0: cost never enters the actor loss
+    multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: MULTIPLIER)  # held at 0

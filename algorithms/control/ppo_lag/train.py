@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,10 @@ from constrained_rl import envs, lagrangian, plotting, returns, rollouts
 from constrained_rl.config import require, require_positive_integers
 from constrained_rl.envs.wrappers import tree_select
 
-MultiplierRuleName = Literal["ascent", "log_ascent", "pid", "fixed"]
+# Ray, Achiam & Amodei's penalty learning rate 5e-2 by plain SGD on lambda, which starts at 0 and is capped at
+# 100; the PID gains apply under --multiplier.kind pid (with the paper's smoothing, EMA 0.95 and delay 10).
+MULTIPLIER = lagrangian.MultiplierConfig(kind="projected_ascent", init=0.0, max=100.0, learning_rate=0.05,
+                                         kp=0.1, ki=0.01, kd=0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +65,7 @@ class Config:
     activation: str = "tanh"  # hidden activation: tanh, relu or swish
     init_log_std: float = -0.5  # initial state-independent log-std of the Gaussian before tanh
     cost_limit: float = 20.0  # episodic cost limit d
-    multiplier_rule: MultiplierRuleName = "ascent"  # ascent (projected SGD), log_ascent, pid or fixed
-    multiplier_lr: float = 0.05  # step size of ascent / log_ascent
-    multiplier_init: float = 0.0  # lambda before the first update (the held value for fixed)
-    multiplier_max: float = 100.0  # upper clamp of lambda
-    pid_kp: float = 0.1  # PID proportional gain
-    pid_ki: float = 0.01  # PID integral gain
-    pid_kd: float = 0.01  # PID derivative gain
+    multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: MULTIPLIER)  # lambda's rule
     iterations_per_chunk: int = 10  # training iterations per device call (one lax.scan)
     eval_episodes: int = 10  # episodes of the deterministic policy scored at the end, per run
 
@@ -84,23 +80,16 @@ class Config:
                 f"must divide num_envs * unroll_length = {self.num_envs * self.unroll_length}")
         require(self.total_env_steps >= self.steps_per_iteration, "total_env_steps",
                 f"must cover at least one rollout of num_envs * unroll_length = {self.steps_per_iteration}")
-        for name in ("learning_rate", "max_grad_norm", "clip_epsilon", "multiplier_lr", "multiplier_max"):
+        for name in ("learning_rate", "max_grad_norm", "clip_epsilon"):
             value = getattr(self, name)
             require(value > 0 and math.isfinite(value), name, f"must be finite and > 0 (got {value})")
         for name in ("discount", "gae_lambda", "cost_discount", "cost_gae_lambda"):
             value = getattr(self, name)
             require(0.0 <= value <= 1.0, name, f"must be in [0, 1] (got {value})")
         require(self.value_clip is None or self.value_clip > 0, "value_clip", f"must be > 0 or none (got {self.value_clip})")
-        for name in ("value_coef", "entropy_coef", "cost_limit", "pid_kp", "pid_ki", "pid_kd"):
+        for name in ("value_coef", "entropy_coef", "cost_limit"):
             value = getattr(self, name)
             require(value >= 0 and math.isfinite(value), name, f"must be finite and >= 0 (got {value})")
-        rules = typing.get_args(MultiplierRuleName)
-        require(self.multiplier_rule in rules, "multiplier_rule",
-                f"must be one of {', '.join(rules)} (got {self.multiplier_rule!r})")
-        require(0.0 <= self.multiplier_init <= self.multiplier_max, "multiplier_init",
-                f"must be in [0, multiplier_max={self.multiplier_max}] (got {self.multiplier_init})")
-        require(self.multiplier_rule != "log_ascent" or self.multiplier_init > 0, "multiplier_init",
-                "must be > 0 for log_ascent (lambda lives in log space)")
         require(self.activation in ppo_networks.activation_names(), "activation",
                 f"must be one of {', '.join(ppo_networks.activation_names())} (got {self.activation!r})")
         for name in ("actor_hidden_sizes", "critic_hidden_sizes"):
@@ -115,18 +104,6 @@ class Config:
     @property
     def num_iterations(self) -> int:
         return self.total_env_steps // self.steps_per_iteration
-
-
-def make_multiplier_rule(config: Config) -> lagrangian.MultiplierRule:
-    """The multiplier rule the config names, with its hyperparameters."""
-    if config.multiplier_rule == "ascent":
-        return lagrangian.projected_ascent(config.multiplier_lr, config.multiplier_init, config.multiplier_max)
-    if config.multiplier_rule == "log_ascent":
-        return lagrangian.log_space_ascent(config.multiplier_lr, config.multiplier_init, config.multiplier_max)
-    if config.multiplier_rule == "pid":
-        return lagrangian.pid(config.pid_kp, config.pid_ki, config.pid_kd,
-                              init_multiplier=config.multiplier_init, max_multiplier=config.multiplier_max)
-    return lagrangian.fixed(config.multiplier_init)
 
 
 @struct.dataclass
@@ -180,7 +157,7 @@ def make_learner(config: Config, env: envs.Env | None = None) -> Learner:
     nets = ppo_networks.make_networks(batched.action_size, config.actor_hidden_sizes,
                                       config.critic_hidden_sizes, config.activation, config.init_log_std)
     optimizer = optax.chain(clip_each_network(config.max_grad_norm), optax.adam(config.learning_rate))
-    return Learner(config, batched, nets, optimizer, make_multiplier_rule(config),
+    return Learner(config, batched, nets, optimizer, lagrangian.make_rule(config.multiplier),
                    ppo_networks.make_policy(nets), ppo_networks.make_policy(nets, deterministic=True))
 
 
@@ -435,7 +412,7 @@ def run(config: Config, ctx) -> dict[str, Any]:
     rows = [r for r in ctx.read_metrics() if r["stage"] == "train"]
     if ctx.is_main:  # one writer in a multi-process run
         plot_reward_cost_curves({"runs": rows}, config.cost_limit, ctx.run_dir / "plots" / "reward_cost.png",
-                                title=f"{config.task}: {config.multiplier_rule} multiplier")
+                                title=f"{config.task}: {config.multiplier.kind} multiplier")
     ctx.plot_learning_curves()
     tail = rows[-max(1, len(rows) // 10):]  # the last tenth of training
     summary: dict[str, Any] = {

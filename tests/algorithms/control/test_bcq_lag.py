@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from algorithms.control import bcq_lag, offline, osrl
+from constrained_rl import lagrangian
 from constrained_rl.config import ConfigError
 from constrained_rl.data import dsrl
 from constrained_rl.models import vae
@@ -114,7 +115,7 @@ class LossTest(chex.TestCase):
 
 
 def test_pid_multiplier_rises_while_cost_value_exceeds_threshold():
-    rule = osrl.make_multiplier_rule(bcq_lag.Config())
+    rule = lagrangian.make_rule(bcq_lag.Config().multiplier)
     state = rule.init()
     lambdas = []
     for _ in range(5):

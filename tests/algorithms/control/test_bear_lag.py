@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import chex
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from algorithms.control import bear_lag
+from constrained_rl import lagrangian
 from constrained_rl.config import ConfigError
 from tests.algorithms.control.test_bcq_lag import (LOOSE, PROBLEM, TIGHT, assert_runs_match_alone, bandit_dataset,
                                            tiny, train_runs)
@@ -58,7 +60,7 @@ class LossTest(chex.TestCase):
         assert float(grads[2]) == 0.0 and float(grads[3]) == 0.0
 
     def test_alpha_rises_while_the_policy_leaves_the_support_and_stays_in_its_bounds(self):
-        rule = bear_lag.make_alpha_rule(bear_lag.Config(alpha_learning_rate=0.5))
+        rule = lagrangian.make_rule(bear_lag.Config(alpha=dataclasses.replace(bear_lag.ALPHA, learning_rate=0.5)).alpha)
         state = rule.init()
         state = rule.update(state, jnp.float32(1.05), jnp.float32(0.05))  # MMD above epsilon by 1
         np.testing.assert_allclose(state.log_multiplier, 0.5, rtol=1e-6)
@@ -74,8 +76,8 @@ class LossTest(chex.TestCase):
 def test_config_refuses_bad_values():
     with pytest.raises(ConfigError, match="mmd_kernel"):
         bear_lag.Config(mmd_kernel="cosine")
-    with pytest.raises(ConfigError, match="init_alpha"):
-        bear_lag.Config(init_alpha=1e3)
+    with pytest.raises(ConfigError, match="init"):
+        bear_lag.Config(alpha=dataclasses.replace(bear_lag.ALPHA, init=1e3))
     with pytest.raises(ConfigError, match="num_mmd_samples"):
         bear_lag.Config(num_mmd_samples=0)
     with pytest.raises(ConfigError, match="mmd_sigma"):
@@ -93,7 +95,7 @@ def train_bandit(**overrides):
     # sigma 0.5 on this one-dimensional bandit: with OSRL's 50 (set for 2- to 8-dimensional actions
     # spread over [-1, 1]) the kernel is nearly flat here and no threshold would bind.
     config = tiny(bear_lag.Config, vae_hidden_sizes=(16, 16), mmd_sigma=0.5, actor_learning_rate=3e-3,
-                  alpha_learning_rate=0.1, **overrides)
+                  alpha=dataclasses.replace(bear_lag.ALPHA, learning_rate=0.1), **overrides)
     algorithm = bear_lag.make_algorithm(config, PROBLEM)
     dataset = bandit_dataset()
     state, metrics = train_runs(algorithm, dataset, (LOOSE, TIGHT), NUM_UPDATES)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from algorithms.control import cpq
+from constrained_rl import lagrangian
 from constrained_rl.config import ConfigError
 from tests.algorithms.control.test_bcq_lag import (LOOSE, PROBLEM, TIGHT, assert_runs_match_alone, bandit_dataset,
                                            tiny, train_runs)
@@ -54,20 +57,20 @@ class LossTest(chex.TestCase):
         np.testing.assert_allclose(loss, -(2.0 + 0.0 - 1.0) / 3, rtol=1e-6)
 
     def test_alpha_rises_while_ood_cost_values_stay_below_their_level(self):
-        rule = cpq.make_alpha_rule(cpq.Config(alpha_learning_rate=0.1, alpha_max=1.0))
+        rule = lagrangian.make_rule(cpq.Config(alpha=dataclasses.replace(cpq.ALPHA, learning_rate=0.1, max=1.0)).alpha)
         state = rule.init()
         state = rule.update(state, -jnp.float32(0.5), -jnp.float32(1.5))  # E_nu[Q_c] = 0.5 < l_c = 1.5
         np.testing.assert_allclose(state.multiplier, 0.1, rtol=1e-6)
         for _ in range(20):
             state = rule.update(state, -jnp.float32(0.5), -jnp.float32(1.5))
-        assert float(state.multiplier) == 1.0  # clipped at alpha_max
+        assert float(state.multiplier) == 1.0  # clipped at alpha.max
         state = rule.update(state, -jnp.float32(4.0), -jnp.float32(1.5))
         np.testing.assert_allclose(state.multiplier, 0.75, rtol=1e-6)
 
 
 def test_config_refuses_bad_values():
-    with pytest.raises(ConfigError, match="alpha_init"):
-        cpq.Config(alpha_init=2.0, alpha_max=1.0)
+    with pytest.raises(ConfigError, match="init"):
+        cpq.Config(alpha=dataclasses.replace(cpq.ALPHA, init=2.0, max=1.0))
     with pytest.raises(ConfigError, match="ood_quantile"):
         cpq.Config(ood_quantile=1.5)
 
@@ -98,7 +101,7 @@ def test_policy_improves_and_cost_critic_flags_unsafe_actions(trained):
 
 def test_alpha_and_critics_learn(trained):
     *_, metrics = trained
-    # alpha ascends on l_c - E_nu[Q_c] within [0, alpha_max]. Loose: OOD cost values (<= 6) stay below
+    # alpha ascends on l_c - E_nu[Q_c] within [0, alpha.max]. Loose: OOD cost values (<= 6) stay below
     # l_c = 1.5 * 10, alpha climbs to its cap. Tight: they exceed l_c = 2.25 and alpha is released to 0.
     alpha = np.asarray(metrics["alpha"])[:, -1]
     ood = np.asarray(metrics["ood_cost_value"])[:, -1]

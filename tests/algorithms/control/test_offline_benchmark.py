@@ -157,7 +157,7 @@ def test_the_cpu_tables_config_file_gives_the_documented_settings():
         expected = (64, 64, 64) if name in ("atac", "satac") else (64, 64)
         assert fields and set(fields.values()) == {expected}, (name, fields)
     satac = bench.method_config(config, "satac")
-    assert (satac.task, satac.warmup_data, satac.critic_warmup, satac.reward_scale, satac.cost_weight) == (
+    assert (satac.task, satac.warmup_data, satac.critic_warmup, satac.reward_scale, satac.multiplier.init) == (
         "BallRun", "safe", "returns", 0.1, 10.0)
     assert satac.safe_fraction == 1.0  # the command line wins over the file
     assert satac.num_updates == 4000 and bench.method_config(config, "bear_lag").num_updates == 4000

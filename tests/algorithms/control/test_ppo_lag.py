@@ -12,6 +12,7 @@ import pytest
 
 from algorithms.control.ppo_lag import losses, networks as ppo_networks, ppo
 from algorithms.control.ppo_lag import train as ppo_lag
+from constrained_rl import lagrangian
 from constrained_rl.config import ConfigError
 from constrained_rl.envs.base import Env, EnvState, initial_state
 from constrained_rl.rollouts import Transition
@@ -160,7 +161,8 @@ def two_runs():
     Returns the learner, the initial state, the state after the first chunk, and the metrics of all
     ``LEARNING_ITERATIONS`` iterations ``[runs, iterations]``.
     """
-    config = tiny_config(num_seeds=2, multiplier_lr=0.2, total_env_steps=80 * LEARNING_ITERATIONS)
+    config = tiny_config(num_seeds=2, multiplier=dataclasses.replace(ppo_lag.MULTIPLIER, learning_rate=0.2),
+                         total_env_steps=80 * LEARNING_ITERATIONS)
     learner = ppo_lag.make_learner(config, env=LinearCostBandit())
     chunk = ppo_lag.make_chunk(learner, CHUNK)
     initial = ppo_lag.init_runs(learner, jnp.array([3.0, UNREACHABLE]))
@@ -197,7 +199,7 @@ def test_ppo_lag_meets_the_limit_where_unconstrained_ppo_does_not(lag_and_uncons
 
 
 def test_pid_rule_rises_above_the_limit():
-    rule = ppo_lag.make_multiplier_rule(tiny_config(multiplier_rule="pid"))
+    rule = lagrangian.make_rule(tiny_config(multiplier=dataclasses.replace(ppo_lag.MULTIPLIER, kind="pid")).multiplier)
     state = rule.update(rule.init(), jnp.asarray(5.0), jnp.asarray(3.0))
     assert float(state.multiplier) > 0
 
@@ -224,14 +226,19 @@ def test_vmapped_seeds_equal_seeds_run_one_by_one(two_runs):
 
 @pytest.mark.parametrize("field, value", [
     ("num_minibatches", 7), ("task", "NoSuchTask"), ("clip_epsilon", 0.0), ("discount", 1.5),
-    ("multiplier_rule", "bogus"), ("activation", "sigmoid"), ("total_env_steps", 10),
+    ("activation", "sigmoid"), ("total_env_steps", 10),
 ])
 def test_config_refuses_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         ppo_lag.Config(**{field: value})
 
 
+def test_config_refuses_a_bad_multiplier_rule_naming_the_field():
+    with pytest.raises(ConfigError, match="kind"):
+        ppo_lag.Config(multiplier=dataclasses.replace(ppo_lag.MULTIPLIER, kind="bogus"))
+
+
 def test_plain_ppo_is_ppo_lag_with_the_multiplier_fixed_at_zero():
     config = ppo.Config()
-    assert (config.multiplier_rule, config.multiplier_init) == ("fixed", 0.0)
-    assert float(ppo_lag.make_multiplier_rule(config).init().multiplier) == 0.0
+    assert (config.multiplier.kind, config.multiplier.init) == ("fixed", 0.0)
+    assert float(lagrangian.make_rule(config.multiplier).init().multiplier) == 0.0

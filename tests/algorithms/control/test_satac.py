@@ -25,6 +25,7 @@ DISCOUNTS = jnp.array([0.5, 0.0])
 # Bellman errors, 0.5 TD + 0.5 residual: head 0: 0.5 * 0.625 + 0.5 * 2.125 = 1.375;
 # head 1: 0.5 * 1.125 + 0.5 * 2.5 = 1.8125.
 BELLMAN = (1.375, 1.8125)
+PID_MULTIPLIER = dataclasses.replace(satac.MULTIPLIER, kind="pid")  # lambda moved by the PID rule
 
 
 class CriticLossTest(chex.TestCase):
@@ -128,7 +129,7 @@ def test_atac_is_satac_without_cost_and_registered():
     assert registry.load("satac").config_cls().uses_cost_limit
     # The fixed-lambda behaviour reference ignores kappa: one run per seed serves every limit.
     assert not satac.Config(reference="behaviour").uses_cost_limit
-    assert satac.Config(reference="behaviour", multiplier_rule="pid").uses_cost_limit
+    assert satac.Config(reference="behaviour", multiplier=PID_MULTIPLIER).uses_cost_limit
 
 
 def test_warm_start_can_clone_only_the_safe_episodes():
@@ -164,7 +165,8 @@ def test_warm_start_can_clone_only_the_safe_episodes():
 LEARNING = satac.Config(
     cost_limits=(0.0,), num_seeds=1, hidden_sizes=(32, 32), batch_size=64, actor_learning_rate=3e-3,
     critic_learning_rate=3e-3, alpha_learning_rate=3e-3, init_alpha=0.1, beta=16.0, reference="threshold",
-    cost_weight=2.0, warmup_updates=100, num_updates=500, updates_per_chunk=100, eval_every=0)
+    multiplier=dataclasses.replace(satac.MULTIPLIER, init=2.0), warmup_updates=100, num_updates=500,
+    updates_per_chunk=100, eval_every=0)
 
 
 def one_step_dataset(size: int = 2000) -> dsrl.OfflineDataset:
@@ -292,7 +294,7 @@ def test_actor_can_enter_the_warm_start_as_the_reference():
 def test_signal_scales_act_as_scaled_data():
     """``reward_scale`` and ``cost_scale`` give the update of an unscaled learner on scaled data,
     with the per-step threshold scaled alike."""
-    scales = dict(reward_scale=0.1, cost_scale=3.0, reference="threshold", multiplier_rule="pid",
+    scales = dict(reward_scale=0.1, cost_scale=3.0, reference="threshold", multiplier=PID_MULTIPLIER,
                   critic_warmup="returns")
     scaled_learner, state, batch, scaled_update = _warm_learner(**scales)
     plain_learner, _, _, plain_update = _warm_learner(**{**scales, "reward_scale": 1.0, "cost_scale": 1.0})
@@ -348,7 +350,7 @@ def test_cost_beta_sets_the_cost_critics_bellman_weight_alone():
 def test_hold_trains_the_critics_alone_as_the_adversarial_step_does():
     """``actor_hold_updates``: the adversarial critic step of a full update, with the actor, alpha and
     the multiplier held; a phase of its own between the warm start and the adversarial phase."""
-    learner, state, batch, full_update = _warm_learner(multiplier_rule="pid", actor_learning_rate=1e-3)
+    learner, state, batch, full_update = _warm_learner(multiplier=PID_MULTIPLIER, actor_learning_rate=1e-3)
     held_update = jax.jit(functools.partial(satac.update, learner, actor_moves=False))
     key = jax.random.PRNGKey(6)
     held, metrics = held_update(state, batch, key)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,11 @@ COST_ADVANTAGES = jnp.array([[1.0, 2.0], [-0.5, 0.3], [0.8, -1.2], [0.6, 0.9]])
 OLD_LOG_PROBS = jnp.array([[-1.0, -0.5], [-2.0, -0.1], [-0.3, -1.2], [-0.8, -0.9]])
 MASK = jnp.ones((4, 2))
 LAMBDA = jnp.float32(2.0)
+
+
+def fixed(value: float) -> lagrangian.MultiplierConfig:
+    """lambda held at ``value``."""
+    return lagrangian.MultiplierConfig(kind="fixed", init=value)
 
 
 def policy_loss(log_probs: jax.Array, advantages: jax.Array) -> jax.Array:
@@ -80,7 +87,7 @@ class RePOStepTest(chex.TestCase):
         np.testing.assert_allclose(lagrangian.multiplier(state), 1.0)
 
     def test_fixed_multiplier_stays(self):
-        signal = repo.cost_signal(repo.RePOConfig(multiplier="fixed", lambda_init=3.0), cost_limit=0.0)
+        signal = repo.cost_signal(repo.RePOConfig(multiplier=fixed(3.0)), cost_limit=0.0)
         state = signal.rule.update(signal.rule.init(), jnp.float32(5.0), signal.limit)
         np.testing.assert_allclose(lagrangian.multiplier(state), 3.0)
 
@@ -100,15 +107,17 @@ class RePOStepTest(chex.TestCase):
 
 
 def test_baselines():
-    ppo, shaping = repo.baseline_signal(0.0), repo.baseline_signal(2.0)
+    ppo, shaping = repo.baseline_signal(fixed(0.0)), repo.baseline_signal(fixed(2.0))
     for signal, lam in ((ppo, 0.0), (shaping, 2.0)):
         state = signal.rule.update(signal.rule.init(), jnp.float32(7.0), signal.limit)
         np.testing.assert_allclose(lagrangian.multiplier(state), lam)
         np.testing.assert_array_equal(signal.gate(GROUP_COSTS, GROUP_IDS), 1.0)
+    with pytest.raises(ConfigError, match="init"):
+        repo.baseline_signal(fixed(-1.0))
     with pytest.raises(ConfigError, match="shaping_multiplier"):
-        repo.baseline_signal(-1.0)
+        repo.baseline_signal(dataclasses.replace(repo.SHAPING_MULTIPLIER, kind="projected_ascent"))
     with pytest.raises(ConfigError, match="multiplier"):
-        repo.RePOConfig(multiplier="pid")
+        repo.RePOConfig(multiplier=dataclasses.replace(repo.MULTIPLIER, kind="pid"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +147,7 @@ def learning_curve():
                              warmup_ratio=0.0, actor_lr_schedule="constant", ppo_epochs=4)
     # The gate compares a prompt's mean cost over its K = 4 responses with d. At d = 0 one unsafe answer in
     # three is allowed (1.0 vs -0.5); d = -0.4 asks for (nearly) all four to be safe.
-    signal = repo.cost_signal(repo.RePOConfig(multiplier="fixed", lambda_init=5.0), cost_limit=-0.4)
+    signal = repo.cost_signal(repo.RePOConfig(multiplier=fixed(5.0)), cost_limit=-0.4)
     step = rlhf_ppo.make_rl_step(models, ppo, signal, rlhf_ppo.StepSpec(8, 4, 0.0), STEPS)
     chunk = rlhf_ppo.make_chunk(step, STEPS)
     state = rlhf_ppo.init_state(ppo, signal, params, critic_params, critic_params, jax.random.PRNGKey(2), STEPS)

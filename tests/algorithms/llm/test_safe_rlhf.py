@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -98,8 +100,9 @@ class MultiplierTest(chex.TestCase):
                                    signal.limit)
         np.testing.assert_allclose(lagrangian.multiplier(state), np.exp(-0.15), rtol=1e-6)
 
-    def test_capped_at_lambda_max(self):
-        signal = safe_rlhf.cost_signal(safe_rlhf.SafeRLHFConfig(lambda_max=2.0), cost_limit=0.0)
+    def test_capped_at_multiplier_max(self):
+        signal = safe_rlhf.cost_signal(
+            safe_rlhf.SafeRLHFConfig(multiplier=dataclasses.replace(safe_rlhf.MULTIPLIER, max=2.0)), cost_limit=0.0)
         state = signal.rule.init()
         for _ in range(50):
             state = signal.rule.update(state, jnp.float32(10.0), signal.limit)
@@ -111,8 +114,8 @@ class MultiplierTest(chex.TestCase):
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ConfigError, match="lambda_init"):
-        safe_rlhf.SafeRLHFConfig(lambda_init=6.0)
+    with pytest.raises(ConfigError, match="init"):
+        safe_rlhf.SafeRLHFConfig(multiplier=dataclasses.replace(safe_rlhf.MULTIPLIER, init=6.0))
     with pytest.raises(ConfigError, match="clip_range_ratio"):
         rlhf_ppo.PPOConfig(clip_range_ratio=0.0)
     with pytest.raises(ConfigError, match="temperature"):

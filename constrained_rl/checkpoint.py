@@ -84,8 +84,11 @@ def _abstract(template: PyTree) -> PyTree:
     return jax.tree.map(leaf, template)
 
 
-def restore(directory: str | os.PathLike, template: PyTree, step: int | None = None) -> PyTree:
+def restore(directory: str | os.PathLike, template: PyTree | None = None, step: int | None = None) -> PyTree:
     """Restores the pytree saved as ``step`` (default: the latest) into the structure of ``template``.
+
+    Without a template the pytree comes back as saved: nested dicts (and lists) of arrays on the default
+    device, custom node types (dataclasses, NamedTuples) read back as dicts of their fields.
 
     Raises:
       ConfigError: ``directory`` holds no checkpoint (or not ``step``), or the checkpoint cannot be
@@ -100,7 +103,8 @@ def restore(directory: str | os.PathLike, template: PyTree, step: int | None = N
         raise ConfigError(f"{directory}: no checkpoint for step {step} (steps saved: {available})")
     try:
         with _manager(directory, read_only=True) as manager:
-            return manager.restore(step, args=ocp.args.StandardRestore(_abstract(template)))
+            target = None if template is None else _abstract(template)
+            return manager.restore(step, args=ocp.args.StandardRestore(target))
     except ConfigError:
         raise
     except Exception as error:  # orbax raises many types for unreadable or mismatched files

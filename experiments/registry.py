@@ -40,6 +40,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "coptidice": ("algorithms.control.coptidice", "offline COptiDICE: stationary-distribution ratios with a cost upper bound, weighted BC"),
     "cdt": ("algorithms.control.cdt", "offline CDT: decision transformer conditioned on reward- and cost-to-go, return relabelling"),
     "offline_benchmark": ("algorithms.control.offline_benchmark", "offline safe RL, DSRL protocol: every method x seeds x cost limits on one dataset; table and plot"),
+    "evaluate": ("experiments.evaluate", "re-score a control run's exported (or checkpointed) policies on a task, DSRL scores, no retraining"),
     "sft": ("algorithms.llm.sft", "LLM supervised fine-tuning on (prompt, response) demonstrations; Hugging Face export"),
     "reward_model": ("algorithms.llm.score_models", "LLM reward model: Bradley-Terry on (better, worse) pairs; Hugging Face export"),
     "cost_model": ("algorithms.llm.score_models:COST_MODEL", "LLM cost model: Safe-RLHF ranking + sign loss on (safer, unsafer) pairs"),

@@ -63,7 +63,8 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         return cloning.init_bc_state(actor, optimizer, key, problem.observation_size)
 
     phase = offline.Phase("train", cloning.bc_update(actor, optimizer), config.num_updates, rows=config.data)
-    return offline.Algorithm(init, (phase,), mlp.mode_policy(actor), uses_cost_limit=config.data == "safe")
+    return offline.Algorithm(init, (phase,), mlp.mode_policy(actor), uses_cost_limit=config.data == "safe",
+                             policy_fields=("actor",))
 
 
 def run(config: Config, ctx) -> dict[str, Any]:

@@ -209,7 +209,8 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         """OSRL's evaluation action: one clipped-prior VAE sample, perturbed by the actor."""
         return act(state.actor.params, state.vae.params, observations, key), {}
 
-    return offline.Algorithm(init, (offline.Phase("train", update, config.num_updates),), policy)
+    return offline.Algorithm(init, (offline.Phase("train", update, config.num_updates),), policy,
+                             policy_fields=("actor.params", "vae.params"))
 
 
 def run(config: Config, ctx) -> dict:

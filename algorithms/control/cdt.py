@@ -443,11 +443,16 @@ def context_policy(config: Config, model: DecisionTransformer) -> rollouts.Histo
 # The learner
 
 
-def make_algorithm(config: Config, problem: offline.Problem, data: Trajectories) -> offline.Algorithm:
+def make_algorithm(config: Config, problem: offline.Problem, data: Trajectories | None) -> offline.Algorithm:
+    """CDT; ``data`` None builds it for evaluation only: R_0 is then a placeholder, a trained state's own
+    ``target_reward`` being restored over it."""
     model = make_model(config, problem)
     optimizer = make_optimizer(config)
     temperature_optimizer = optax.adam(config.temperature_learning_rate)
-    target_reward = float(data.episodes.reward_returns.max() if config.target_reward is None else config.target_reward)
+    if config.target_reward is not None:
+        target_reward = float(config.target_reward)
+    else:
+        target_reward = float(data.episodes.reward_returns.max()) if data is not None else math.nan
     steps = config.context_length
 
     def init(key: jax.Array, cost_limit: jax.Array) -> CDTState:
@@ -471,13 +476,18 @@ def make_algorithm(config: Config, problem: offline.Problem, data: Trajectories)
         prepare=lambda dataset: prepare(config, data, dataset),
         sample=lambda prepared, key, batch_size: sample_segments(prepared, key, batch_size, steps))
     return offline.Algorithm(init, (offline.Phase("train", update, config.num_updates),), uses_cost_limit=False,
-                             sampler=sampler, evaluate=evaluate)
+                             sampler=sampler, evaluate=evaluate, policy_fields=("params", "target_reward"))
 
 
 def builder(config: Config, dataset: dsrl.OfflineDataset) -> offline.MakeAlgorithm:
     """The scaffold's ``make_algorithm`` for ``dataset`` (its episodes, relabelled once)."""
     data = trajectories(config, dataset)
     return lambda config, problem: make_algorithm(config, problem, data)
+
+
+def evaluation_algorithm(config: Config, problem: offline.Problem) -> offline.Algorithm:
+    """The learner as its evaluation needs it, built without its data (the ``evaluate`` experiment)."""
+    return make_algorithm(config, problem, data=None)
 
 
 def run(config: Config, ctx) -> dict[str, Any]:

@@ -239,7 +239,9 @@ def cost_threshold(config: Config, problem: offline.Problem, cost_limit: jax.Arr
     return value * (1.0 - config.discount) if config.cost_threshold_convention == "occupancy" else value
 
 
-def make_algorithm(config: Config, problem: offline.Problem, statistics: DatasetStatistics) -> offline.Algorithm:
+def make_algorithm(config: Config, problem: offline.Problem,
+                   statistics: DatasetStatistics | None) -> offline.Algorithm:
+    """COptiDICE; ``statistics`` None builds it for evaluation only (training reads them, the policy not)."""
     divergence = DIVERGENCES[config.divergence]
     gamma = config.discount
     networks = Networks(
@@ -247,7 +249,6 @@ def make_algorithm(config: Config, problem: offline.Problem, statistics: Dataset
         nu=QEnsemble(config.critic_hidden_sizes, ensemble_size=config.num_nu),
         chi=QEnsemble(config.critic_hidden_sizes, ensemble_size=config.num_chi),
     )
-    initial_observations = statistics.initial_observations
     # Built once, so that every run's state carries the same (static) optimizer objects.
     actor_tx, critic_tx = optax.adam(config.actor_learning_rate), optax.adam(config.critic_learning_rate)
     scalar_tx = optax.adam(config.scalar_learning_rate)
@@ -281,6 +282,7 @@ def make_algorithm(config: Config, problem: offline.Problem, statistics: Dataset
         init_key, obs_noise_key, action_noise_key = jax.random.split(key, 3)
         rewards, costs = config.reward_scale * batch.rewards, config.cost_scale * batch.costs
         discounts = batch.discounts(gamma)
+        initial_observations = statistics.initial_observations
         initial = initial_observations[jax.random.randint(init_key, batch.rewards.shape, 0,
                                                           initial_observations.shape[0])]
         lam = positive(state.multiplier.params)
@@ -346,12 +348,18 @@ def make_algorithm(config: Config, problem: offline.Problem, statistics: Dataset
     # Evaluation acts with tanh(mean), deterministically, as OSRL.
     policy = mlp.mode_policy(networks.actor, lambda state: {"params": state.actor.params})
 
-    return offline.Algorithm(init, (offline.Phase("train", update, config.num_updates),), policy)
+    return offline.Algorithm(init, (offline.Phase("train", update, config.num_updates),), policy,
+                             policy_fields=("actor.params",))
 
 
 def builder(config: Config, dataset: dsrl.OfflineDataset) -> offline.MakeAlgorithm:
     """The scaffold's ``make_algorithm`` for ``dataset`` (its statistics, computed once)."""
     return functools.partial(make_algorithm, statistics=dataset_statistics(dataset))
+
+
+def evaluation_algorithm(config: Config, problem: offline.Problem) -> offline.Algorithm:
+    """The learner as its evaluation needs it, built without its data (the ``evaluate`` experiment)."""
+    return make_algorithm(config, problem, statistics=None)
 
 
 def run(config: Config, ctx) -> dict:

@@ -258,7 +258,8 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
     # Evaluation acts with tanh(mean), deterministically, as OSRL.
     policy = mlp.mode_policy(networks.actor, lambda state: {"params": state.actor.params})
 
-    return offline.Algorithm(init, (offline.Phase("train", update, config.num_updates),), policy)
+    return offline.Algorithm(init, (offline.Phase("train", update, config.num_updates),), policy,
+                             policy_fields=("actor.params",))
 
 
 def run(config: Config, ctx) -> dict:

@@ -9,7 +9,8 @@ An offline learner is three things (:class:`Algorithm`), built from its config a
   each a pure ``update(state, batch, key) -> (state, metrics)`` on one minibatch of transitions,
   drawn from all the data or only from the episodes within the run's cost limit (BC-Safe);
 * ``policy(state, obs, key) -> (action, extras)``: the deterministic evaluation policy, in the form
-  of :mod:`constrained_rl.rollouts` policies with the whole learner state as its parameters.
+  of :mod:`constrained_rl.rollouts` policies with the whole learner state as its parameters, and
+  ``policy_fields``, the parts of the state it reads (what the run exports).
 
 A sequence learner (CDT) replaces two of these defaults: its ``sampler`` draws its own minibatches
 (trajectory segments) from data it prepares once, and its ``evaluate`` plays whole episodes with
@@ -20,7 +21,9 @@ Everything else lives here, once: the dataset (a DSRL file, or one collected fir
 num_seeds`` runs trained by one jitted call, the runs of one seed sharing their initial weights), a
 jitted chunk of ``updates_per_chunk`` updates as one ``lax.scan`` whose minibatches are sampled on
 the device from the device-resident dataset, periodic evaluation on the jitted environment with the
-DSRL normalization, checkpointed and resumable through ``ctx.loop``, and the final DSRL scores.
+DSRL normalization, checkpointed and resumable through ``ctx.loop``, the final policies exported to
+``policy/`` of the run directory (:mod:`algorithms.control.policy_export`; re-scored by the ``evaluate``
+experiment), and the final DSRL scores.
 
 A learner module then reads::
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
 
 import jax
@@ -46,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from algorithms.control import collect
+from algorithms.control import collect, policy_export
 from constrained_rl import envs, evaluation, returns, rollouts
 from constrained_rl.config import ConfigError, require, require_positive_integers
 from constrained_rl.data import dsrl
@@ -165,6 +169,10 @@ class Algorithm(NamedTuple):
     # conditions on the limit: CDT's target cost), so a learner that ignores the limit in training
     # is still scored under each limit by its own conditioned policy.
     evaluate: Evaluate | None = None
+    # The learner-state fields (dotted paths: "actor", "actor.params") that ``policy`` / ``evaluate``
+    # read, exported at the end of training; a state holding only these of a trained one (the rest
+    # freshly initialised) evaluates exactly alike. None: the whole learner state.
+    policy_fields: tuple[str, ...] | None = None
 
 
 class Variant(NamedTuple):
@@ -375,15 +383,21 @@ def score_runs(stats: rollouts.EpisodeStats | Mapping[float, rollouts.EpisodeSta
     (:func:`play_episodes`).
     """
     stats = jax.device_get(stats)
-    trained_for = {float(k) for k in layout.cost_limits}
     summaries = {}
     for limit in cost_limits:
         played = stats[limit] if isinstance(stats, Mapping) else stats
-        runs = [r for r, k in enumerate(layout.cost_limits) if float(k) == limit or limit not in trained_for]
+        runs = scored_runs(layout, limit)
         scores = [evaluation.score_episodes(played.reward_return[r], played.cost_return[r], played.length[r],
                                             float(limit), reference) for r in runs]
         summaries[float(limit)] = evaluation.aggregate_seeds(scores)
     return summaries
+
+
+def scored_runs(layout: RunLayout, cost_limit: float) -> list[int]:
+    """The runs scored under ``cost_limit``: those trained for it, or every run when none was (a
+    learner that ignores the limit)."""
+    trained_for = {float(k) for k in layout.cost_limits}
+    return [r for r, k in enumerate(layout.cost_limits) if float(k) == cost_limit or cost_limit not in trained_for]
 
 
 def limit_label(cost_limit: float) -> str:
@@ -487,6 +501,12 @@ def check_dataset(dataset: dsrl.OfflineDataset, env: envs.Env, source: str) -> P
     return Problem(obs_size, action_size, env.episode_length)
 
 
+def trained_layout(config: OfflineConfig, algorithm: Algorithm) -> RunLayout:
+    """The runs a config trains: a limit-seed grid, or one run per seed for a learner that ignores the
+    limit, held to a nominal (unused) limit."""
+    return run_layout(config.cost_limits if algorithm.uses_cost_limit else (-1.0,), config.num_seeds)
+
+
 def make_session(config: OfflineConfig, dataset: dsrl.OfflineDataset, make_algorithm: MakeAlgorithm,
                  source: str = "dataset") -> Session:
     env = evaluation_env(config.task)
@@ -496,12 +516,10 @@ def make_session(config: OfflineConfig, dataset: dsrl.OfflineDataset, make_algor
     algorithm = make_algorithm(config, problem)
     if algorithm.uses_returns:
         dataset = dsrl.with_returns_to_go(dataset, config.discount)
-    # A learner that ignores the limit trains one run per seed, held to a nominal (unused) limit.
-    trained_limits = config.cost_limits if algorithm.uses_cost_limit else (-1.0,)
     if not algorithm.uses_cost_limit:
         require(all(p.rows == "all" for p in algorithm.phases if p.num_updates), "cost_limits",
                 "a learner sampling safe episodes depends on the cost limit")
-    layout = run_layout(trained_limits, config.num_seeds)
+    layout = trained_layout(config, algorithm)
     training_data = None
     if algorithm.sampler is not None:
         require(all(p.rows == "all" for p in algorithm.phases), "rows",
@@ -513,9 +531,29 @@ def make_session(config: OfflineConfig, dataset: dsrl.OfflineDataset, make_algor
                    training_data)
 
 
+def final_evaluation_key(seed: int) -> jax.Array:
+    """The key of the final evaluation's episodes under the config's ``seed``."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+
+
+def episode_summary(session: Session, stats: Mapping[float, rollouts.EpisodeStats]) -> dict[str, Any]:
+    """The figures of an evaluation (:func:`play_episodes`, on the host): the DSRL scores per cost
+    limit, or the mean raw returns when there are no reference returns."""
+    if session.reference is None:
+        return {"reward_return": float(np.mean([s.reward_return for s in stats.values()])),
+                "cost_return": float(np.mean([s.cost_return for s in stats.values()]))}
+    scores = score_runs(stats, session.layout, session.cost_limits, session.reference)
+    return {
+        "normalized_reward": [s.normalized_reward_mean for s in scores.values()],
+        "normalized_cost": [s.normalized_cost_mean for s in scores.values()],
+        "safe": [s.safe for s in scores.values()],
+        "scores": {limit_label(k): s._asdict() for k, s in scores.items()},
+    }
+
+
 def final_summary(config: OfflineConfig, session: Session, state: RunState) -> dict[str, Any]:
     """DSRL scores of the final policies (``eval_episodes`` per run) per cost limit."""
-    stats = jax.device_get(play_episodes(session, state.learner, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2),
+    stats = jax.device_get(play_episodes(session, state.learner, final_evaluation_key(config.seed),
                                          config.eval_episodes))
     summary: dict[str, Any] = {
         "task": config.task,
@@ -524,18 +562,41 @@ def final_summary(config: OfflineConfig, session: Session, state: RunState) -> d
         "num_seeds": config.num_seeds,
         "gradient_updates": int(jax.device_get(state.updates[0])),
     }
-    if session.reference is None:
-        summary["reward_return"] = float(np.mean([s.reward_return for s in stats.values()]))
-        summary["cost_return"] = float(np.mean([s.cost_return for s in stats.values()]))
-        return summary
-    scores = score_runs(stats, session.layout, session.cost_limits, session.reference)
-    summary.update({
-        "normalized_reward": [s.normalized_reward_mean for s in scores.values()],
-        "normalized_cost": [s.normalized_cost_mean for s in scores.values()],
-        "safe": [s.safe for s in scores.values()],
-        "scores": {limit_label(k): s._asdict() for k, s in scores.items()},
-    })
+    summary.update(episode_summary(session, stats))
     return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The exported policies
+
+
+def policy_params(algorithm: Algorithm, learner: Any) -> Any:
+    """What the evaluation reads of a learner state (``algorithm.policy_fields``), as exported."""
+    if algorithm.policy_fields is None:
+        return learner
+    return policy_export.select(learner, algorithm.policy_fields)
+
+
+def with_policy_params(algorithm: Algorithm, learner: Any, params: Any) -> Any:
+    """``learner`` (e.g. a fresh state) holding the exported ``params``: it evaluates as the exported one."""
+    if algorithm.policy_fields is None:
+        return params
+    return policy_export.insert(learner, algorithm.policy_fields, params)
+
+
+def export_policy(config: OfflineConfig, ctx, session: Session, state: RunState) -> Path:
+    """Writes every run's final policy to ``policy/`` of the run directory
+    (:mod:`algorithms.control.policy_export`): the parameters ``[R, ...]`` the evaluation reads, and
+    ``policy.json`` with the learner config, sizes, runs, scored limits and reference returns."""
+    algorithm, layout, env = session.algorithm, session.layout, session.env
+    trained_for = [float(k) if algorithm.uses_cost_limit else None for k in layout.cost_limits]
+    content = policy_export.record(
+        config, ctx.run_dir, observation_size=env.observation_size, action_size=env.action_size,
+        episode_length=env.episode_length, fields=algorithm.policy_fields,
+        step=int(jax.device_get(state.updates[0])), run_limits=trained_for,
+        seed_indices=[int(i) for i in layout.seed_indices], cost_limits=list(session.cost_limits),
+        reference_returns=None if session.reference is None else session.reference._asdict())
+    return policy_export.write(ctx, policy_params(algorithm, state.learner), content)
 
 
 def run(config: OfflineConfig, ctx, make_algorithm: MakeAlgorithm) -> dict[str, Any]:
@@ -548,4 +609,5 @@ def run_built(config: OfflineConfig, ctx, builder: Builder) -> dict[str, Any]:
     dataset = load_dataset(config, ctx)
     session = make_session(config, dataset, builder(config, dataset), config.dataset or "collected dataset")
     state = train(config, ctx, session)
+    export_policy(config, ctx, session, state)
     return final_summary(config, session, state)

@@ -544,7 +544,8 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
     )
     return offline.Algorithm(lambda key, limit: init_state(learner, key, limit), phases,
                              mlp.mode_policy(learner.networks.actor), uses_cost_limit=config.uses_cost_limit,
-                             uses_returns=config.critic_warmup == "returns" and config.warmup_updates > 0)
+                             uses_returns=config.critic_warmup == "returns" and config.warmup_updates > 0,
+                             policy_fields=("actor",))
 
 
 def run(config: Config, ctx) -> dict[str, Any]:

@@ -43,6 +43,15 @@ def test_round_trip_keeps_structure_dtypes_and_keys(tmp_path):
     )
 
 
+def test_restore_without_template_reads_the_pytree_as_saved(tmp_path):
+    checkpoint.save(tmp_path, 5, {"actor": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.int32(4)})
+    restored = checkpoint.restore(tmp_path)
+    np.testing.assert_array_equal(restored["actor"]["w"], np.arange(6.0).reshape(2, 3))
+    assert int(restored["step"]) == 4
+    checkpoint.save(tmp_path / "tuple", 1, TrainState({"b": jnp.ones(2)}, jnp.zeros(1), jnp.int32(3)))
+    assert set(checkpoint.restore(tmp_path / "tuple")) == {"params", "key", "step"}  # a NamedTuple: a dict
+
+
 def test_steps_latest_max_to_keep_and_overwrite(tmp_path):
     assert checkpoint.latest_step(tmp_path / "absent") is None
     assert not (tmp_path / "absent").exists()  # asking must not create the directory

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from algorithms.control import policy_export
 from algorithms.control.ppo_lag import losses, networks as ppo_networks
 from constrained_rl import envs, lagrangian, plotting, returns, rollouts
 from constrained_rl.config import require, require_positive_integers
@@ -405,10 +406,31 @@ def evaluate_runs(learner: Learner, state: TrainState, num_episodes: int, key: j
     return {"reward": reward, "cost": cost}
 
 
+# What the deterministic evaluation policy (tanh of the actor's mean) reads of a train state.
+POLICY_FIELDS = ("params.actor",)
+
+
+def final_evaluation_key(seed: int) -> jax.Array:
+    """The key of the final evaluation's episodes under the config's ``seed``."""
+    return jax.random.PRNGKey(seed + 1)
+
+
+def export_policy(config: Config, ctx, learner: Learner, state: TrainState):
+    """Writes every run's final actor to ``policy/`` of the run directory
+    (:mod:`algorithms.control.policy_export`), with the config, sizes and each run's cost limit."""
+    content = policy_export.record(
+        config, ctx.run_dir, observation_size=learner.env.observation_size, action_size=learner.env.action_size,
+        episode_length=learner.env.episode_length, fields=POLICY_FIELDS,
+        step=int(jax.device_get(state.iteration[0])),
+        run_limits=[float(k) for k in jax.device_get(state.cost_limit)], seed_indices=range(config.num_seeds))
+    return policy_export.write(ctx, policy_export.select(state, POLICY_FIELDS), content)
+
+
 def run(config: Config, ctx) -> dict[str, Any]:
     """Trains, evaluates and plots; returns the summary the runner writes to summary.json."""
     learner = make_learner(config)
     state = train_runs(learner, ctx, "train")
+    export_policy(config, ctx, learner, state)
     rows = [r for r in ctx.read_metrics() if r["stage"] == "train"]
     if ctx.is_main:  # one writer in a multi-process run
         plot_reward_cost_curves({"runs": rows}, config.cost_limit, ctx.run_dir / "plots" / "reward_cost.png",
@@ -424,7 +446,7 @@ def run(config: Config, ctx) -> dict[str, Any]:
         "final_multiplier": float(jnp.mean(lagrangian.multiplier(state.multiplier_state))),
     }
     if config.eval_episodes:
-        scores = evaluate_runs(learner, state, config.eval_episodes, jax.random.PRNGKey(config.seed + 1))
+        scores = evaluate_runs(learner, state, config.eval_episodes, final_evaluation_key(config.seed))
         summary["eval_reward"] = [float(x) for x in scores["reward"]]
         summary["eval_cost"] = [float(x) for x in scores["cost"]]
     return summary

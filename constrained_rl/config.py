@@ -7,6 +7,8 @@ naming the field, which the runner reports as one line with exit code 2.
 
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 
 class ConfigError(ValueError):
     """A config value, file or name is invalid. The message says which and why."""
@@ -36,3 +38,16 @@ def require_positive_integers(config: object, *fields: str) -> None:
     for field in fields:
         value = getattr(config, field)
         require(isinstance(value, int) and value >= 1, field, f"must be an integer >= 1 (got {value!r})")
+
+
+class Experiment(NamedTuple):
+    """What the experiment registry names: a config class and the function that runs it.
+
+    ``run(config, ctx) -> summary``. An experiment that composes others (a benchmark over methods, a
+    collection around a behaviour learner, a tour) also gives ``stage_configs(config) -> {stage: config}``,
+    the configs its stages actually run with, so that a test can check every setting reaches one.
+    """
+
+    Config: type  # a frozen dataclass whose fields are the experiment's settings
+    run: Callable[[Any, Any], dict]  # run(config, ctx) -> summary figures
+    stage_configs: Callable[[Any], dict[str, Any]] | None = None  # composed experiments only

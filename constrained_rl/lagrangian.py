@@ -366,6 +366,34 @@ def make_rule(config: MultiplierConfig) -> MultiplierRule:
                config.derivative_delay, config.init, config.max)
 
 
+
+# The fields each kind's rule reads (make_rule); the others only hold a learner's numbers for other kinds.
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "fixed": ("init",),
+    "log_ascent": ("init", "max", "min", "learning_rate"),
+    "projected_ascent": ("init", "max", "learning_rate"),
+    "pid": ("init", "max", "kp", "ki", "kd", "proportional_ema_alpha", "derivative_ema_alpha", "derivative_delay"),
+}
+
+
+def require_multipliers_read(config: Any) -> None:
+    """Refuses, in every ``MultiplierConfig`` field of a learner's ``config``, a value its kind does not read
+    that differs from both the learner's default (its numbers for the other kinds) and the class default
+    (what a fresh ``MultiplierConfig(kind=..., init=...)`` holds): it would be accepted and ignored.
+    ``--multiplier.kp 0.2`` with a fixed lambda is refused; with ``--multiplier.kind pid`` it is read."""
+    plain = MultiplierConfig()
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if not isinstance(value, MultiplierConfig):
+            continue
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        for name in (f.name for f in dataclasses.fields(value)):
+            if name == "kind" or name in KIND_FIELDS[value.kind]:
+                continue
+            require(getattr(value, name) in (getattr(default, name), getattr(plain, name)), f"{spec.name}.{name}",
+                    f"is not read by kind {value.kind!r} (got {getattr(value, name)}); it applies under "
+                    f"{' or '.join(k for k, fields in KIND_FIELDS.items() if name in fields)}")
+
 # --------------------------------------------------------------------------------------------------
 # using the multiplier
 

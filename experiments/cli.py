@@ -6,6 +6,10 @@ JSON / TOML values (a config file) and are converted to each field's declared ty
 ``Optional[X]`` (``none`` / ``null`` on the command line) and nested dataclasses, addressed by
 dotted keys (``--actor.learning_rate 3e-4``) or by nested tables in a file. Anything wrong raises
 :class:`~constrained_rl.config.ConfigError` with a message naming the key and where it came from.
+
+Numbers are checked in the precision they are used in: an ``int`` must fit in 64 bits, a ``seed`` in 32
+(what a PRNG key holds); a ``float`` goes to the devices as float32, so NaN and finite values beyond
+float32's range (or too small to be told from 0 in it) are refused, and a learning rate must be finite.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import re
 import tomllib
 import types
@@ -27,6 +32,15 @@ from constrained_rl.config import ConfigError
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
+_INT64 = (-(2**63), 2**63 - 1)
+_SEED = (0, 2**32 - 1)
+_FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+_FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+
+
+class _OutOfRange(ConfigError):
+    """A number of the right type that the precision it is used in cannot hold (not retried as another
+    type of a union: the message says what is wrong)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +78,28 @@ def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType)
 
 
-def all_keys(config_cls: type, prefix: str = "") -> list[str]:
+def sets_in_sections(config_cls: type) -> Mapping[str, Mapping[str, str]]:
+    """The fields of nested sections that ``config_cls`` sets itself: section -> field -> what sets it.
+
+    A composing config (a benchmark over methods, a collection around a behaviour learner) declares them
+    in a class attribute ``sets_in_sections``; such a field is neither listed by ``--help`` nor accepted
+    inside its section, so that no setting is accepted and then overwritten.
+    """
+    return getattr(config_cls, "sets_in_sections", {})
+
+
+def all_keys(config_cls: type, prefix: str = "", omit: Mapping[str, str] | Sequence[str] = ()) -> list[str]:
     """Every settable dotted key of a config dataclass, nested dataclasses expanded."""
     keys = []
+    sections = sets_in_sections(config_cls)
     for name, tp in field_types(config_cls).items():
+        if name in omit:
+            continue
         nested = _optional_dataclass(tp)
         if nested is None:
             keys.append(prefix + name)
         else:
-            keys.extend(all_keys(nested, f"{prefix}{name}."))
+            keys.extend(all_keys(nested, f"{prefix}{name}.", sections.get(name, ())))
     return keys
 
 
@@ -108,6 +135,8 @@ def convert(value: Any, tp: Any, source: str, *, from_text: bool) -> Any:
                 continue
             try:
                 return convert(value, option, source, from_text=from_text)
+            except _OutOfRange:
+                raise
             except ConfigError:
                 continue
         raise refuse(" or ".join(_type_name(o) for o in options))
@@ -121,16 +150,26 @@ def convert(value: Any, tp: Any, source: str, *, from_text: bool) -> Any:
         raise refuse("a bool (true/false)")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _check_int(value, value, source)
         number = _parse_number(value, from_text)
         if number is not None and float(number).is_integer():
-            return int(number)
+            return _check_int(int(number), value, source)
         raise refuse("an int")
     if tp is float:
         number = _parse_number(value, from_text)
         if number is None:
             raise refuse("a float")
-        return float(number)
+        try:
+            result = float(number)
+        except OverflowError:  # an int too large even for float64
+            result = math.nan
+        written_inf = isinstance(value, str) and value.strip().lower().lstrip("+-") in ("inf", "infinity")
+        if math.isinf(result) and isinstance(value, str) and not written_inf:
+            result = math.nan  # "1e400": a finite number, too large even for float64
+        if math.isnan(result) and not (isinstance(value, str) and "nan" in value.lower()):
+            raise _OutOfRange(f"{source}: {value!r} is too large for float32, the precision it is used in "
+                              f"(|x| <= {_FLOAT32_MAX:.4g})")
+        return _check_float32(result, value, source)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -138,6 +177,33 @@ def convert(value: Any, tp: Any, source: str, *, from_text: bool) -> Any:
     if _is_dataclass_type(tp):
         raise ConfigError(f"{source}: is a group of settings; set its fields with dotted keys")
     raise ConfigError(f"{source}: fields of type {_type_name(tp)} cannot be set")
+
+
+def _check_int(number: int, value: Any, source: str) -> int:
+    if not _INT64[0] <= number <= _INT64[1]:
+        raise _OutOfRange(f"{source}: {value} does not fit in a 64-bit integer")
+    return number
+
+
+def _check_float32(number: float, value: Any, source: str) -> float:
+    """Refuses NaN, and finite numbers float32 turns into inf or 0 (inf itself is a value some settings take)."""
+    if math.isnan(number):
+        raise _OutOfRange(f"{source}: expected a number, got {value!r}")
+    if math.isfinite(number) and abs(number) > _FLOAT32_MAX:
+        raise _OutOfRange(f"{source}: {value!r} is too large for float32, the precision it is used in "
+                          f"(|x| <= {_FLOAT32_MAX:.4g})")
+    if number != 0 and abs(number) < _FLOAT32_TINY:
+        raise _OutOfRange(f"{source}: {value!r} is too small for float32, the precision it is used in "
+                          f"(|x| >= {_FLOAT32_TINY:.4g}, or 0)")
+    return number
+
+
+def _check_named(name: str, value: Any, source: str) -> None:
+    """What some settings need beyond their type, by name: a seed fits a PRNG key, a learning rate is finite."""
+    if name == "seed" and isinstance(value, int) and not _SEED[0] <= value <= _SEED[1]:
+        raise ConfigError(f"{source}: a seed must be in [{_SEED[0]}, {_SEED[1]}] (32 bits), got {value}")
+    if "learning_rate" in name and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: a learning rate must be finite, got {value}")
 
 
 def _parse_number(value: Any, from_text: bool) -> float | int | None:
@@ -198,6 +264,9 @@ def _resolve(config_cls: type, override: Override) -> tuple[list[str], Any]:
         nested = _optional_dataclass(tp)
         if nested is None:
             raise ConfigError(f"{override.source}: '{name}' has no fields")
+        setter = sets_in_sections(cls).get(name, {}).get(path[depth + 1])
+        if setter is not None and depth + 1 == len(path) - 1:
+            raise ConfigError(f"{override.source}: '{override.key}' is not settable here; it is set by {setter}")
         cls = nested
     raise AssertionError("unreachable")
 
@@ -239,6 +308,7 @@ def build_config(config_cls: type, overrides: Sequence[Override]) -> Any:
             converted: Any = True
         else:
             converted = convert(override.value, tp, override.source, from_text=override.from_text)
+        _check_named(path[-1], converted, override.source)
         node = values
         for name in path[:-1]:
             node = node.setdefault(name, {})
@@ -247,8 +317,22 @@ def build_config(config_cls: type, overrides: Sequence[Override]) -> Any:
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready nested dict of a config (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    """A JSON-ready nested dict of a config (tuples become lists), without the fields of a section that
+    the config sets itself (:func:`sets_in_sections`): the record reads back with :func:`build_config`."""
+    record = json.loads(json.dumps(dataclasses.asdict(config)))
+    _drop_set_fields(type(config), record)
+    return record
+
+
+def _drop_set_fields(config_cls: type, record: dict[str, Any]) -> None:
+    sections = sets_in_sections(config_cls)
+    for name, tp in field_types(config_cls).items():
+        nested = _optional_dataclass(tp)
+        if nested is None or not isinstance(record.get(name), dict):
+            continue
+        for field in sections.get(name, {}):
+            record[name].pop(field, None)
+        _drop_set_fields(nested, record[name])
 
 
 def flatten(mapping: Mapping[str, Any], source: str, prefix: str = "") -> list[Override]:
@@ -286,10 +370,13 @@ def read_mapping_file(path: str | Path) -> dict[str, Any]:
 
 
 _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$")
+_FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^#]*=")
+_COMMENT_LINE = re.compile(r"^\s+#\s?(.*)$")
 
 
 def field_comments(config_cls: type) -> dict[str, str]:
-    """The one-line ``# comment`` after each field, from the class and the config classes it extends.
+    """The one-line ``# comment`` after each field (or, when there is none, the comment lines just above
+    it), from the class and the config classes it extends.
 
     A subclass that overrides a field's default without a comment keeps its parent's comment.
     """
@@ -299,27 +386,36 @@ def field_comments(config_cls: type) -> dict[str, str]:
             source = inspect.getsource(cls)
         except (OSError, TypeError):
             continue
+        above: list[str] = []  # the comment lines just above the current line
         for line in source.splitlines():
             match = _FIELD_COMMENT.match(line)
             if match:
                 comments.setdefault(match.group(1), match.group(2).strip())
+            else:
+                field = _FIELD.match(line)
+                if field and above:
+                    comments.setdefault(field.group(1), " ".join(above))
+            comment = _COMMENT_LINE.match(line)
+            above = above + [comment.group(1).strip()] if comment else []
     return comments
 
 
 def describe_fields(config_cls: type, prefix: str = "", defaults: Any = None,
-                    omit: Sequence[str] = ()) -> list[str]:
+                    omit: Mapping[str, str] | Sequence[str] = ()) -> list[str]:
     """``--key (type, default value): comment`` lines for every settable key, for ``--help``.
 
-    A config class may name, in a class attribute ``help_omits`` (section -> field names), the fields
-    of its nested sections that are set at its own level instead (and refused inside the section).
+    The fields a composing config sets in its sections (:func:`sets_in_sections`) are not listed, nor
+    the sections its defaults leave unused (a property ``inactive_sections``, e.g. the settings of a
+    method not among the chosen ones, which the config refuses).
     """
     lines = []
     if defaults is None:
         defaults = _construct(config_cls)
     comments = field_comments(config_cls)
-    section_omits = getattr(config_cls, "help_omits", {})
+    section_omits = sets_in_sections(config_cls)
+    inactive = getattr(defaults, "inactive_sections", ())
     for name, tp in field_types(config_cls).items():
-        if name in omit:
+        if name in omit or name in inactive:
             continue
         nested = _optional_dataclass(tp)
         if nested is not None:

@@ -55,7 +55,7 @@ import numpy as np
 
 from algorithms.control import offline, policy_export
 from constrained_rl import checkpoint, envs, evaluation
-from constrained_rl.config import ConfigError, require
+from constrained_rl.config import ConfigError, Experiment, require
 from constrained_rl.data import dsrl
 from experiments import cli, registry
 
@@ -446,3 +446,5 @@ def run(config: Config, ctx) -> dict[str, Any]:
         return evaluate_offline(config, resolved, seed)
     return evaluate_ppo_lag(config, resolved, seed)
 
+
+EVALUATE = Experiment(Config, run)

@@ -22,6 +22,7 @@ from typing import Any
 
 from algorithms.control import bc, collect, offline_benchmark, satac
 from algorithms.llm import rlhf_pipeline
+from constrained_rl.config import Experiment
 
 
 def _tour_collection() -> collect.Config:
@@ -96,3 +97,12 @@ def run(config: Config, ctx) -> dict[str, Any]:
     if ctx.is_main:
         (ctx.run_dir / "tour.md").write_text(report + "\n")
     return {**{f"offline/{k}": v for k, v in offline.items()}, **{f"rlhf/{k}": v for k, v in rlhf.items()}}
+
+
+def stage_configs(config: Config) -> dict[str, Any]:
+    """The configs of both halves' stages."""
+    return {**{f"offline/{k}": v for k, v in offline_benchmark.stage_configs(config.offline).items()},
+            "rlhf": config.rlhf}
+
+
+TOUR = Experiment(Config, run, stage_configs)

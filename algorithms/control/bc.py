@@ -26,7 +26,7 @@ import jax
 import optax
 
 from algorithms.control import cloning, offline
-from constrained_rl.config import require
+from constrained_rl.config import Experiment, require
 from constrained_rl.models import mlp
 
 @dataclasses.dataclass(frozen=True)
@@ -72,4 +72,5 @@ def run(config: Config, ctx) -> dict[str, Any]:
     return offline.run(config, ctx, make_algorithm)
 
 
-BC_SAFE = offline.Variant(SafeConfig, run)
+BC_ALL = Experiment(Config, run)
+BC_SAFE = Experiment(SafeConfig, run)

@@ -39,7 +39,7 @@ from flax.training.train_state import TrainState
 from algorithms.control import offline, osrl
 from algorithms.control.osrl import PID_MULTIPLIER, OSRLConfig, check_hidden_sizes
 from constrained_rl import critics, lagrangian
-from constrained_rl.config import require, require_positive_integers
+from constrained_rl.config import Experiment, require, require_positive_integers
 from constrained_rl.data import dsrl
 from constrained_rl.models import vae
 from constrained_rl.models.mlp import MLP, QEnsemble
@@ -215,3 +215,6 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
 
 def run(config: Config, ctx) -> dict:
     return offline.run(config, ctx, make_algorithm)
+
+
+BCQ_LAG = Experiment(Config, run)

@@ -42,7 +42,7 @@ from algorithms.control import offline
 from algorithms.control.osrl import (PID_MULTIPLIER, OSRLConfig, check_hidden_sizes, init_train_states,
                                 make_optimizers, reward_and_cost_critic_steps, twin_min_q, vae_step)
 from constrained_rl import critics, distributions, lagrangian
-from constrained_rl.config import require, require_positive_integers
+from constrained_rl.config import Experiment, require, require_positive_integers
 from constrained_rl.data import dsrl
 from constrained_rl.models import vae
 from constrained_rl.models import mlp
@@ -256,3 +256,6 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
 
 def run(config: Config, ctx) -> dict:
     return offline.run(config, ctx, make_algorithm)
+
+
+BEAR_LAG = Experiment(Config, run)

@@ -47,7 +47,7 @@ from flax import struct
 
 from algorithms.control import offline
 from constrained_rl import distributions, envs, rollouts
-from constrained_rl.config import ConfigError, require, require_positive_integers
+from constrained_rl.config import ConfigError, Experiment, require, require_positive_integers
 from constrained_rl.data import dsrl
 from constrained_rl.models.decision_transformer import DecisionTransformer
 
@@ -493,3 +493,6 @@ def evaluation_algorithm(config: Config, problem: offline.Problem) -> offline.Al
 def run(config: Config, ctx) -> dict[str, Any]:
     """Trains CDT once per seed and scores it under every cost limit; returns the DSRL scores."""
     return offline.run_built(config, ctx, builder)
+
+
+CDT = Experiment(Config, run)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ import numpy as np
 
 from algorithms.control.ppo_lag import train as ppo_lag
 from constrained_rl import envs, parallel, plotting, rollouts
-from constrained_rl.config import require, require_positive_integers
+from constrained_rl.config import Experiment, require, require_positive_integers
 from constrained_rl.data import dsrl, filters
 
 SNAPSHOT_DIR = "snapshots"
@@ -48,7 +48,7 @@ def _quick_behaviour_config() -> ppo_lag.Config:
 class Config:
     """DSRL-recipe collection; the defaults collect a small BallCircle dataset in a few minutes."""
 
-    task: str = "BallCircle"  # environment name (overrides behaviour.task)
+    task: str = "BallCircle"  # environment the behaviour policies train and play on
     seed: int = 0  # PRNG seed of training, snapshots and the grid filter
     num_policies: int = 4  # behaviour policies trained at once, each sweeping its own limit schedule
     cost_limit_min: float = 5.0  # lower end of the swept cost limits
@@ -61,6 +61,13 @@ class Config:
     output: str = "dataset.hdf5"  # file name inside the run directory (or an absolute path)
     behaviour: ppo_lag.Config = dataclasses.field(default_factory=_quick_behaviour_config)  # PPO-Lag settings
 
+    # What the collection sets in the behaviour learner's config itself (behaviour_config below).
+    sets_in_sections: ClassVar[dict[str, dict[str, str]]] = {"behaviour": {
+        "task": "collect's --task", "seed": "collect's --seed", "num_seeds": "collect's --num_policies",
+        "iterations_per_chunk": "collect's --snapshot_every",
+        "cost_limit": "collect's --cost_limit_min and --cost_limit_max (each policy sweeps its limit)",
+        "eval_episodes": "nobody: collection scores no policy"}}
+
     def __post_init__(self) -> None:
         require(self.task in envs.names(), "task",
                 f"unknown environment {self.task!r}; known: {', '.join(envs.names())}")
@@ -70,6 +77,10 @@ class Config:
         require(self.cost_limit_max >= self.cost_limit_min, "cost_limit_max",
                 f"must be >= cost_limit_min={self.cost_limit_min} (got {self.cost_limit_max})")
         require(self.output.endswith((".hdf5", ".h5")), "output", f"must end in .hdf5 or .h5 (got {self.output!r})")
+        default_behaviour = _quick_behaviour_config()
+        for name, setter in self.sets_in_sections["behaviour"].items():
+            require(getattr(self.behaviour, name) == getattr(default_behaviour, name), f"behaviour.{name}",
+                    f"is set by {setter}, not in the behaviour section")
         require(self.behaviour.num_iterations >= self.snapshot_every, "behaviour.total_env_steps",
                 f"gives {self.behaviour.num_iterations} iterations, fewer than snapshot_every={self.snapshot_every}")
 
@@ -216,3 +227,12 @@ def plot_scatter(episodes: dsrl.Episodes, keep: np.ndarray, path: Path, title: s
     if title:
         axes.set_title(title)
     plotting.save(figure, path)
+
+
+def stage_configs(config: Config) -> dict[str, Any]:
+    """The behaviour learner's config as the collection runs it, and the collection's own settings."""
+    own = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "behaviour"}
+    return {"behaviour": config.behaviour_config(), "collect": own}
+
+
+COLLECT = Experiment(Config, run, stage_configs)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from constrained_rl import lagrangian, penalties
-from constrained_rl.config import require
+from constrained_rl.config import Experiment, require
 
 Learner = Literal["average", "rectified"]
 LEARNERS: tuple[Learner, ...] = ("average", "rectified")
@@ -63,6 +63,7 @@ class Config:
     seed: int = 0  # builds the tables and seeds the sampling
 
     def __post_init__(self) -> None:
+        lagrangian.require_multipliers_read(self)
         require(self.num_contexts >= 1, "num_contexts", f"must be >= 1, got {self.num_contexts}")
         require(self.num_actions >= 3, "num_actions", f"must be >= 3, got {self.num_actions}")
         require(0.0 <= self.hard_fraction <= 1.0, "hard_fraction",
@@ -284,3 +285,6 @@ def run(config: Config, ctx) -> dict[str, float]:
         figures = jax.device_get(evaluate(state, bandit, config))
         summary.update({f"{learner}/{name}": float(value) for name, value in figures.items()})
     return summary
+
+
+CONSTRAINED_BANDIT = Experiment(Config, run)

@@ -40,7 +40,7 @@ from flax.training.train_state import TrainState
 from algorithms.control import offline
 from algorithms.control.osrl import OSRLConfig
 from constrained_rl import critics, distributions
-from constrained_rl.config import require, require_positive_integers
+from constrained_rl.config import Experiment, require, require_positive_integers
 from constrained_rl.data import dsrl
 from constrained_rl.models import mlp
 from constrained_rl.models.mlp import GaussianActor, QEnsemble
@@ -365,3 +365,6 @@ def evaluation_algorithm(config: Config, problem: offline.Problem) -> offline.Al
 def run(config: Config, ctx) -> dict:
     """offline.run, with the dataset statistics COptiDICE's learner is built with."""
     return offline.run_built(config, ctx, builder)
+
+
+COPTIDICE = Experiment(Config, run)

@@ -51,7 +51,7 @@ import numpy as np
 from flax import struct
 
 from algorithms.control import collect, policy_export
-from constrained_rl import envs, evaluation, returns, rollouts
+from constrained_rl import envs, evaluation, lagrangian, returns, rollouts
 from constrained_rl.config import ConfigError, require, require_positive_integers
 from constrained_rl.data import dsrl
 from constrained_rl.rollouts import PolicyFn
@@ -66,7 +66,7 @@ class OfflineConfig:
     """Settings every offline learner shares; a learner's Config subclasses it."""
 
     task: str = "BallCircle"  # environment the policies are evaluated on (constrained_rl.envs)
-    dataset: str = ""  # DSRL HDF5 file; empty: collect one first with algorithms.control.collect (see collect)
+    dataset: str = ""  # DSRL HDF5 file; empty: collect one first at collect's defaults (see collect)
     reward_min: float | None = None  # reference return scored 0, overriding the file's (DSRL spec)
     reward_max: float | None = None  # reference return scored 1, overriding the file's (DSRL spec)
     cost_limits: tuple[float, ...] = (10.0, 20.0, 40.0)  # episodic cost limits kappa (SATAC's Circle set)
@@ -80,9 +80,9 @@ class OfflineConfig:
     eval_every: int = 10  # chunks between evaluations during training; 0 for none
     eval_episodes_during: int = 5  # episodes per run at each evaluation during training
     eval_episodes: int = 20  # episodes per run in the final evaluation (DSRL protocol: 20)
-    collect: collect.Config = dataclasses.field(default_factory=collect.Config)  # collection when dataset is empty
 
     def __post_init__(self) -> None:
+        lagrangian.require_multipliers_read(self)
         require(self.task in envs.names(), "task",
                 f"unknown environment {self.task!r}; known: {', '.join(envs.names())}")
         require(len(self.cost_limits) >= 1, "cost_limits", "needs at least one cost limit")
@@ -173,13 +173,6 @@ class Algorithm(NamedTuple):
     # read, exported at the end of training; a state holding only these of a trained one (the rest
     # freshly initialised) evaluates exactly alike. None: the whole learner state.
     policy_fields: tuple[str, ...] | None = None
-
-
-class Variant(NamedTuple):
-    """A registry entry sharing a module with others: its own Config defaults, the same run."""
-
-    Config: type
-    run: Callable[[Any, Any], dict]
 
 
 MakeAlgorithm = Callable[[Any, Problem], Algorithm]
@@ -478,15 +471,16 @@ def train(config: OfflineConfig, ctx, session: Session) -> RunState:
     return state_fn()
 
 
-def load_dataset(config: OfflineConfig, ctx) -> dsrl.OfflineDataset:
-    """The config's DSRL file, or a dataset collected now into the run directory (stage "behaviour").
+def load_dataset(config: OfflineConfig, ctx, collection: collect.Config | None = None) -> dsrl.OfflineDataset:
+    """The config's DSRL file, or a dataset collected now into the run directory (stage "behaviour") with
+    ``collection``'s settings (collect's defaults when none) on the config's task and seed.
 
     ``reward_min`` / ``reward_max`` override the file's reference returns.
     """
     override = dsrl.DatasetMetadata(reward_min=config.reward_min, reward_max=config.reward_max)
     if config.dataset:
         return dsrl.load_dsrl(config.dataset, override)
-    collect_config = dataclasses.replace(config.collect, task=config.task, seed=config.seed)
+    collect_config = dataclasses.replace(collection or collect.Config(), task=config.task, seed=config.seed)
     summary = collect.run(collect_config, ctx)
     return dsrl.load_dsrl(summary["dataset"], override)
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from algorithms.control import bc, bcq_lag, bear_lag, cdt, collect, coptidice, cpq, offline, satac
 from constrained_rl import plotting
-from constrained_rl.config import ConfigError, require
+from constrained_rl.config import ConfigError, Experiment, require
 from constrained_rl.data import dsrl
 
 Preset = Literal["protocol", "quick"]
@@ -86,7 +86,8 @@ METHODS: dict[str, Method] = {
 # The settings every method takes from the benchmark's top level.
 SHARED_FIELDS = ("task", "dataset", "reward_min", "reward_max", "cost_limits", "seed", "num_seeds",
                  "updates_per_chunk", "checkpoint_every", "eval_every", "eval_episodes_during",
-                 "eval_episodes", "collect")
+                 "eval_episodes")
+BUDGET_FIELDS = ("num_updates", "warmup_updates", "reference_updates")
 
 # The quick preset: tiny networks, batches and update counts (only the fields a method has).
 QUICK_SIZES: dict[str, Any] = {
@@ -128,8 +129,10 @@ class Config:
     atac: ATACConfig | None = None  # ATAC hyperparameters; none: its defaults (ATAC)
     satac: SATACConfig | None = None  # SATAC hyperparameters; none: its defaults (docs/algorithms/satac.md)
 
-    # --help lists the shared settings once, at the top level, not again in every method's section.
-    help_omits: ClassVar[dict[str, tuple[str, ...]]] = {name: SHARED_FIELDS for name in METHODS}
+    # The shared settings are set once, at the top level: not listed or accepted in a method's section.
+    sets_in_sections: ClassVar[dict[str, dict[str, str]]] = {
+        **{name: {field: f"the benchmark's --{field}" for field in SHARED_FIELDS} for name in METHODS},
+        "collect": {"task": "the benchmark's --task", "seed": "the benchmark's --seed"}}
 
     def __post_init__(self) -> None:
         require(len(self.methods) >= 1, "methods", "needs at least one method")
@@ -139,8 +142,16 @@ class Config:
         require(self.preset in ("protocol", "quick"), "preset", f"must be protocol or quick (got {self.preset!r})")
         for name in METHODS:
             _check_section(self, name)
+            require(getattr(self, name) is None or name in self.methods, name,
+                    f"settings for {name}, which is not among methods {self.methods}")
         for name in self.methods:
             method_config(self, name)  # every method's settings are validated at the door
+
+
+    @property
+    def inactive_sections(self) -> tuple[str, ...]:
+        """The sections of the methods not chosen (refused when given; not listed by --help)."""
+        return tuple(name for name in METHODS if name not in self.methods)
 
 
 def _check_section(config: Config, name: str) -> None:
@@ -153,6 +164,13 @@ def _check_section(config: Config, name: str) -> None:
         value = getattr(section, field)
         if value != getattr(defaults, field) and value != getattr(config, field):
             raise ConfigError(f"{name}.{field}: shared by every method; set it at the top level (--{field})")
+    for field in BUDGET_FIELDS:
+        if getattr(config, field) is None or not hasattr(section, field):
+            continue
+        value = getattr(section, field)
+        if value != getattr(defaults, field) and value != getattr(config, field):
+            raise ConfigError(f"{name}.{field}: the top-level --{field} {getattr(config, field)} sets every "
+                              f"method's; give one or the other")
 
 
 def method_config(config: Config, name: str) -> offline.OfflineConfig:
@@ -163,7 +181,7 @@ def method_config(config: Config, name: str) -> offline.OfflineConfig:
     changes: dict[str, Any] = {}
     if config.preset == "quick":
         changes.update({k: v for k, v in QUICK_SIZES.items() if k in fields})
-    for budget in ("num_updates", "warmup_updates", "reference_updates"):
+    for budget in BUDGET_FIELDS:
         if getattr(config, budget) is not None and budget in fields:
             changes[budget] = getattr(config, budget)
     changes.update({field: getattr(config, field) for field in SHARED_FIELDS})
@@ -333,7 +351,7 @@ def plot_reward_vs_cost(rows: Sequence[Row], path: Path, title: str = "") -> Non
 
 def run(config: Config, ctx) -> dict[str, Any]:
     """Data, every method in turn, then the table and the plot; returns the summary figures."""
-    dataset = offline.load_dataset(method_config(config, config.methods[0]), ctx)
+    dataset = offline.load_dataset(method_config(config, config.methods[0]), ctx, config.collect)
     if dataset.metadata.reward_min is None or dataset.metadata.reward_max is None:
         # Checked before any training: without reference returns nothing can be scored.
         raise ConfigError(f"{config.dataset or 'dataset'}: no reference returns to normalize rewards; "
@@ -358,3 +376,15 @@ def run(config: Config, ctx) -> dict[str, Any]:
         summary[f"{name}/safe_limits"] = sum(r.safe for r in per_limit)
         summary[f"{name}/wall_time_s"] = results[name]["wall_time_s"]
     return summary
+
+
+def stage_configs(config: Config) -> dict[str, Any]:
+    """Each chosen method's config as it trains, and the collection's (used when no dataset is given)."""
+    stages: dict[str, Any] = {name: method_config(config, name) for name in config.methods}
+    if not config.dataset:
+        collection = dataclasses.replace(config.collect, task=config.task, seed=config.seed)
+        stages.update({f"collect/{k}": v for k, v in collect.stage_configs(collection).items()})
+    return stages
+
+
+OFFLINE_BENCHMARK = Experiment(Config, run, stage_configs)

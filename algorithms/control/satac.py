@@ -52,7 +52,7 @@ from flax import struct
 
 from algorithms.control import cloning, offline
 from constrained_rl import critics, distributions, lagrangian
-from constrained_rl.config import require
+from constrained_rl.config import Experiment, require
 from constrained_rl.data.dsrl import TransitionBatch
 from constrained_rl.models import mlp
 from constrained_rl.models.mlp import GaussianActor, QEnsemble
@@ -553,4 +553,5 @@ def run(config: Config, ctx) -> dict[str, Any]:
     return offline.run(config, ctx, make_algorithm)
 
 
-ATAC = offline.Variant(ATACConfig, run)
+SATAC = Experiment(Config, run)
+ATAC = Experiment(ATACConfig, run)

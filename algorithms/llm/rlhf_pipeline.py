@@ -44,7 +44,7 @@ import numpy as np
 
 from algorithms.llm import common, repo, rlhf_ppo, safe_rlhf, score_models, sft
 from constrained_rl import lagrangian, llm_evaluation, parallel, plotting
-from constrained_rl.config import ConfigError, require
+from constrained_rl.config import ConfigError, Experiment, require
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import hf_checkpoint, score
 
@@ -57,6 +57,12 @@ Scorer = Literal["learned", "ground_truth"]
 # and its responses are short.
 SYNTHETIC_PPO = rlhf_ppo.PPOConfig(actor_learning_rate=3e-4, actor_weight_decay=0.0, critic_learning_rate=1e-3,
                                    kl_coeff=0.01, max_new_tokens=10, warmup_ratio=0.0)
+
+
+# The settings that belong to one RL method: section -> method, and the section's defaults.
+METHOD_SECTIONS = {"safe_rlhf": "safe_rlhf", "repo": "repo", "shaping_multiplier": "shaping"}
+METHOD_SECTION_DEFAULTS = {"safe_rlhf": safe_rlhf.SafeRLHFConfig, "repo": repo.RePOConfig,
+                           "shaping_multiplier": lambda: repo.SHAPING_MULTIPLIER}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +108,7 @@ class Config:
     eval_temperature: float = 1.0  # sampling temperature at evaluation
 
     def __post_init__(self) -> None:
+        lagrangian.require_multipliers_read(self)
         require(len(self.methods) >= 1 and all(m in METHODS for m in self.methods), "methods",
                 f"must be a non-empty subset of {METHODS}, got {self.methods}")
         require(len(set(self.methods)) == len(self.methods), "methods", f"has repeats: {self.methods}")
@@ -123,6 +130,14 @@ class Config:
         batch = self.prompts_per_step * self.responses_per_prompt
         require(batch % self.ppo.num_minibatches == 0, "ppo.num_minibatches",
                 f"must divide the {batch} responses of a step")
+        for section in self.inactive_sections:  # a method's settings are refused unless it trains
+            require(getattr(self, section) == METHOD_SECTION_DEFAULTS[section](), section,
+                    f"settings for method {METHOD_SECTIONS[section]!r}, which is not among methods {self.methods}")
+
+    @property
+    def inactive_sections(self) -> tuple[str, ...]:
+        """The method sections of the methods not chosen (refused when given; not listed by --help)."""
+        return tuple(name for name, method in METHOD_SECTIONS.items() if method not in self.methods)
 
     @property
     def training_cost_limit(self) -> float:
@@ -474,20 +489,21 @@ def run(config: Config, ctx: Any) -> dict[str, float]:
 # One method alone (registry rows safe_rlhf, repo, rlhf_ppo, rlhf_shaping)
 
 
-class Experiment(NamedTuple):
-    """A registry entry: the config class and the run function of one experiment."""
-
-    Config: type
-    run: Callable[[Any, Any], dict[str, Any]]
+def stage_configs(config: Config) -> dict[str, Any]:
+    """What the stages run with: the shared settings, and each chosen RL method's own section."""
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in METHOD_SECTIONS}
+    return {"shared": shared, **{section: getattr(config, section) for section, method in METHOD_SECTIONS.items()
+                                 if method in config.methods}}
 
 
 def _single_method(method: str) -> Experiment:
     fields = [("methods", tuple[str, ...], dataclasses.field(default=(method,)))]
     config_cls = dataclasses.make_dataclass(f"{method}_config", fields, bases=(Config,), frozen=True)
     config_cls.__doc__ = f"The pipeline with the {METHOD_LABELS[method]} RL stage only."
-    return Experiment(config_cls, run)
+    return Experiment(config_cls, run, stage_configs)
 
 
+RLHF_PIPELINE = Experiment(Config, run, stage_configs)
 SAFE_RLHF = _single_method("safe_rlhf")
 REPO = _single_method("repo")
 PPO = _single_method("ppo")

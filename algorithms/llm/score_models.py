@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from algorithms.llm import common
 from constrained_rl import parallel, preference_losses
-from constrained_rl.config import require
+from constrained_rl.config import Experiment, require
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import llama, score
 from constrained_rl.objectives import masked_mean
@@ -196,13 +196,5 @@ def run_cost_model(config: Config, ctx) -> dict[str, Any]:
     return train("cost", config, ctx).summary
 
 
-class Experiment(NamedTuple):
-    """A registry entry: the config class and the run function of one experiment."""
-
-    Config: type
-    run: Callable[[Any, Any], dict[str, Any]]
-
-
-# The registry reads `Config` and `run` from the module (reward_model) or from COST_MODEL (cost_model).
-run = run_reward_model
+REWARD_MODEL = Experiment(Config, run_reward_model)
 COST_MODEL = Experiment(Config, run_cost_model)

@@ -25,6 +25,7 @@ from algorithms.llm import common
 from constrained_rl import parallel, preference_losses
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import hf_checkpoint, llama
+from constrained_rl.config import Experiment
 
 STAGE = "sft"
 
@@ -111,3 +112,6 @@ def train(config: Config, ctx) -> common.Trained:
 def run(config: Config, ctx) -> dict[str, Any]:
     """Experiment ``sft``: the summary of :func:`train`."""
     return train(config, ctx).summary
+
+
+SFT = Experiment(Config, run)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -361,3 +362,22 @@ def test_make_rule_builds_the_rule_its_kind_names(kind):
         direct_state = direct.update(direct_state, jnp.float32(cost), jnp.float32(limit))
         chex.assert_trees_all_equal(built_state, direct_state)
     assert kind == "fixed" or float(multiplier(built_state)) != 0.5  # the updates did move lambda
+
+
+def test_a_multiplier_setting_its_kind_does_not_read_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Learner:
+        multiplier: lagrangian.MultiplierConfig = dataclasses.field(
+            default_factory=lambda: lagrangian.MultiplierConfig(kind="fixed", init=1.0, kp=0.2, max=5.0))
+
+        def __post_init__(self):
+            lagrangian.require_multipliers_read(self)
+
+    Learner()  # the defaults, whatever the kind reads
+    Learner(lagrangian.MultiplierConfig(kind="fixed", init=3.0, kp=0.2, max=5.0))  # init is read by fixed
+    Learner(lagrangian.MultiplierConfig(kind="fixed", init=3.0))  # the class defaults elsewhere
+    with pytest.raises(ConfigError, match=r"multiplier.kp: is not read by kind 'fixed'.*pid"):
+        Learner(lagrangian.MultiplierConfig(kind="fixed", init=1.0, kp=0.3, max=5.0))
+    Learner(lagrangian.MultiplierConfig(kind="pid", init=1.0, kp=0.3, max=5.0))  # read once the kind is pid
+    with pytest.raises(ConfigError, match=r"multiplier.learning_rate: .*log_ascent or projected_ascent"):
+        Learner(lagrangian.MultiplierConfig(kind="pid", init=1.0, learning_rate=0.5))

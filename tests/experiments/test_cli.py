@@ -37,7 +37,7 @@ class WithSections:
     seed: int = 0  # base seed
     first: Section | None = None  # one section
     second: Section = dataclasses.field(default_factory=Section)  # another
-    help_omits: typing.ClassVar[dict[str, tuple[str, ...]]] = {"first": ("seed",)}
+    sets_in_sections: typing.ClassVar[dict[str, dict[str, str]]] = {"first": {"seed": "--seed"}}
 
 
 def test_help_leaves_out_what_a_section_takes_from_the_top_level():
@@ -47,6 +47,9 @@ def test_help_leaves_out_what_a_section_takes_from_the_top_level():
     assert "--task" in benchmark and "--satac.beta" in benchmark
     assert not [key for key in benchmark if key.startswith("--satac.") and key[8:] in offline_benchmark.SHARED_FIELDS]
     assert not [key for key in benchmark if key.startswith("--cpq.collect.")]
+    assert all_keys(WithSections) == ["seed", "first.width", "second.seed", "second.width"]
+    with pytest.raises(ConfigError, match="first.seed.*set by --seed"):
+        build_config(WithSections, [Override("first.seed", "3", "--first.seed", from_text=True)])
 
 
 # Every learner's multiplier is one MultiplierConfig section: the same keys on every command line.
@@ -104,7 +107,7 @@ def test_every_multiplier_section_of_every_experiment_takes_every_kind():
         config_cls = registry.load(name).config_cls
         for section in _multiplier_sections(config_cls):
             try:  # a section the experiment refuses settings in (a method not among its methods, a shared one)
-                build_config(config_cls, [_text(f"{section}.learning_rate", "0.5")])
+                build_config(config_cls, [_text(f"{section}.init", "0.5")])
             except ConfigError:
                 continue
             seen.add(section)

@@ -13,6 +13,7 @@ from algorithms.control.ppo_lag.train import MULTIPLIER as PPO_LAG_MULTIPLIER
 from algorithms.control.ppo_lag.train import Config as PPOLagConfig
 from algorithms.control.ppo_lag.train import run
 from constrained_rl import lagrangian
+from constrained_rl.config import Experiment
 
 __all__ = ["Config", "run"]
 
@@ -25,3 +26,6 @@ class Config(PPOLagConfig):
     """PPO-Lagrangian's config with the multiplier fixed at zero."""
 
     multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: MULTIPLIER)  # held at 0
+
+
+PPO = Experiment(Config, run)

@@ -30,7 +30,7 @@ from flax import struct
 from algorithms.control import policy_export
 from algorithms.control.ppo_lag import losses, networks as ppo_networks
 from constrained_rl import envs, lagrangian, plotting, returns, rollouts
-from constrained_rl.config import require, require_positive_integers
+from constrained_rl.config import Experiment, require, require_positive_integers
 from constrained_rl.envs.wrappers import tree_select
 
 # Ray, Achiam & Amodei's penalty learning rate 5e-2 by plain SGD on lambda, which starts at 0 and is capped at
@@ -71,6 +71,7 @@ class Config:
     eval_episodes: int = 10  # episodes of the deterministic policy scored at the end, per run
 
     def __post_init__(self) -> None:
+        lagrangian.require_multipliers_read(self)
         require(self.task in envs.names(), "task",
                 f"unknown environment {self.task!r}; known: {', '.join(envs.names())}")
         require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")
@@ -465,3 +466,6 @@ def plot_reward_cost_curves(curves: dict[str, list[dict]], cost_limit: float, pa
     if title:
         figure.suptitle(title)
     plotting.save(figure, path)
+
+
+PPO_LAG = Experiment(Config, run)

@@ -10,17 +10,23 @@ Restoring needs a *template*: a pytree with the same structure whose leaves are 
 a state restored on a mesh is laid out exactly like a freshly initialised one.
 
 A missing, corrupt or mismatched checkpoint raises :class:`~constrained_rl.config.ConfigError`
-naming the directory, which the runner reports as one line.
+naming the directory, which the runner reports as one line. Saves and restores run inside
+:func:`constrained_rl.interrupts.deferred`: under the runner a Ctrl-C waits until the step is committed
+(or read), and a step cut short by a harder stop stays in orbax's temporary folder, which no read sees.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from constrained_rl import interrupts
 from constrained_rl.config import ConfigError
 
 PyTree = Any
@@ -40,20 +46,26 @@ def _manager(
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
 def latest_step(directory: str | os.PathLike) -> int | None:
     """The largest committed step in ``directory``, or ``None`` when it holds none (or is absent)."""
-    if not os.path.isdir(directory):
-        return None
-    with _manager(directory, read_only=True) as manager:
-        return manager.latest_step()
+    steps = all_steps(directory)
+    return steps[-1] if steps else None
 
 
 def all_steps(directory: str | os.PathLike) -> list[int]:
     """Every committed step in ``directory``, ascending (empty when absent)."""
     if not os.path.isdir(directory):
         return []
-    with _manager(directory, read_only=True) as manager:
-        return sorted(manager.all_steps())
+    try:
+        with _manager(directory, read_only=True) as manager:
+            return sorted(manager.all_steps())
+    except Exception as error:  # an unreadable folder
+        raise ConfigError(f"{directory}: cannot list checkpoints ({_reason(error)})") from error
 
 
 def save(
@@ -66,11 +78,18 @@ def save(
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    with _manager(directory, read_only=False, max_to_keep=max_to_keep) as manager:
-        if step in manager.all_steps():
-            manager.delete(step)
-        manager.save(step, args=ocp.args.StandardSave(pytree))
-        manager.wait_until_finished()
+    with interrupts.deferred():
+        # What a save cut short by a hard stop left behind (orbax would replace it, with a warning).
+        for partial in glob.glob(os.path.join(glob.escape(os.fspath(directory)), f"{step}.orbax-checkpoint-tmp*")):
+            shutil.rmtree(partial, ignore_errors=True)
+        try:
+            with _manager(directory, read_only=False, max_to_keep=max_to_keep) as manager:
+                if step in manager.all_steps():
+                    manager.delete(step)
+                manager.save(step, args=ocp.args.StandardSave(pytree))
+                manager.wait_until_finished()
+        except OSError as error:  # a file where the folder should be, a full disk, no permission
+            raise ConfigError(f"{os.path.join(directory, str(step))}: cannot write checkpoint ({error})") from error
 
 
 def _abstract(template: PyTree) -> PyTree:
@@ -101,15 +120,32 @@ def restore(directory: str | os.PathLike, template: PyTree | None = None, step: 
         step = available[-1]
     elif step not in available:
         raise ConfigError(f"{directory}: no checkpoint for step {step} (steps saved: {available})")
+    _quiet_closed_loop_callbacks()
     try:
-        with _manager(directory, read_only=True) as manager:
+        with interrupts.deferred(), _manager(directory, read_only=True) as manager:
             target = None if template is None else _abstract(template)
             return manager.restore(step, args=ocp.args.StandardRestore(target))
     except ConfigError:
         raise
     except Exception as error:  # orbax raises many types for unreadable or mismatched files
-        lines = str(error).strip().splitlines()
-        reason = lines[0][:200] if lines else type(error).__name__
         raise ConfigError(
-            f"{os.path.join(directory, str(step))}: cannot restore checkpoint ({reason})"
+            f"{os.path.join(directory, str(step))}: cannot restore checkpoint ({_reason(error)})"
         ) from error
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """When a restore fails, the reads still in flight finish on orbax's event loop, already closed: each
+    reports ``RuntimeError: Event loop is closed`` as an unraisable exception, a traceback beside the error
+    reported. Those (and only those) are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook

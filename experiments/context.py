@@ -14,7 +14,11 @@ directory::
 :meth:`RunContext.loop` is the training loop every algorithm uses: a jitted ``chunk_fn`` runs many
 updates inside ``lax.scan``; the host touches the device once per chunk to log, draw the progress
 bar and checkpoint. Because a run's randomness lives in its state (PRNG keys), a run resumed from a
-checkpoint reaches exactly the same result as one that was never interrupted.
+checkpoint reaches exactly the same result as one that was never interrupted: on resume, the rows a
+stage logged after its last checkpoint (all its rows, when it has none) are dropped before they are
+logged again, and a metrics.jsonl line cut short by a kill is dropped with them. A chunk whose metrics
+are not finite (NaN or inf) stops the run with :class:`NonFiniteMetric`, naming the stage, the step and
+the metric.
 
 With a device mesh (``RunContext(mesh=...)``) the loop places each stage's state on it before
 training (by default runs split over the ``"data"`` axis, see ``constrained_rl.parallel``), and jit
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -36,7 +42,8 @@ from typing import Any, Literal, TypeVar
 import jax
 import numpy as np
 
-from constrained_rl import checkpoint, parallel, plotting
+from constrained_rl import checkpoint, interrupts, parallel, plotting
+from constrained_rl.config import ConfigError
 
 State = TypeVar("State")
 Reduce = Literal["mean", "last"]
@@ -80,6 +87,49 @@ class StopRequested(KeyboardInterrupt):
     """Raised by the loop's test hook after a given number of chunks, like a Ctrl-C would be."""
 
 
+class NonFiniteMetric(ConfigError):
+    """A chunk's metrics hold NaN or inf (a diverged loss, parameters gone to inf): the run stops."""
+
+
+def first_non_finite(metrics: Mapping[str, Any]) -> tuple[str, int, float] | None:
+    """``(metric, index, value)`` of the first non-finite value among a chunk's host metrics (``index``: the
+    update within the chunk, 0 for a scalar; the earliest update first, then the metric order), or None."""
+    found = None
+    for name, value in metrics.items():
+        array = np.asarray(value, dtype=np.float64).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(array))
+        if bad.size and (found is None or bad[0] < found[1]):
+            found = (name, int(bad[0]), float(array[bad[0]]))
+    return found
+
+
+_NOT_RUN_DIRS = ("checkpoints", "tensorboard", "plots", "policy", "wandb")
+
+
+def saved_checkpoints(run_dir: str | Path) -> dict[str, int]:
+    """Every stage with a committed checkpoint in ``run_dir`` and in the child runs inside it, with its
+    latest step (chunks done): ``{"rectified": 5, "rlhf/sft/sft": 4, ...}``, a stage named by its child
+    run's folder and its name. A checkpoint cut short (orbax's temporary folder) does not count."""
+    run_dir = Path(run_dir)
+    found: dict[str, int] = {}
+    for root, dirs, _ in os.walk(run_dir):
+        here = Path(root)
+        if "checkpoints" in dirs:
+            prefix = here.relative_to(run_dir).as_posix()
+            _stage_steps(here / "checkpoints", "" if prefix == "." else prefix + "/", found)
+        dirs[:] = sorted(d for d in dirs if d not in _NOT_RUN_DIRS)
+    return found
+
+
+def _stage_steps(directory: Path, prefix: str, found: dict[str, int]) -> None:
+    for stage_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
+        step = checkpoint.latest_step(stage_dir)
+        if step is not None:
+            found[prefix + stage_dir.name] = step
+        elif not stage_dir.name[:1].isdigit():  # a stage named "a/b" is a folder a/ holding b/
+            _stage_steps(stage_dir, f"{prefix}{stage_dir.name}/", found)
+
+
 class RunContext:
     """Run directory, metrics logging, plots, progress bar and the chunked training loop."""
 
@@ -118,6 +168,9 @@ class RunContext:
         self._children: list[RunContext] = []
         self._wandb = wandb
         self._wandb_prefix = ""  # a child run's rows go to W&B as "<child>/<stage>/<metric>"
+        self._stages_logged: set[str] = set()  # stages whose rows from an earlier process are settled
+        if self.is_main:
+            self._drop_cut_line()
 
     def child(self, name: str) -> "RunContext":
         """A context for a sub-run in ``<run_dir>/<name>`` (e.g. the SFT stage of a pipeline, or one half
@@ -143,13 +196,8 @@ class RunContext:
         return self.run_dir / "checkpoints" / stage
 
     def has_checkpoint(self) -> bool:
-        """Whether any stage of this run directory has saved a checkpoint."""
-        root = self.run_dir / "checkpoints"
-        return root.is_dir() and any(
-            checkpoint.latest_step(stage_dir) is not None
-            for stage_dir in root.iterdir()
-            if stage_dir.is_dir()
-        )
+        """Whether any stage of this run directory, or of a child run inside it, has saved a checkpoint."""
+        return bool(saved_checkpoints(self.run_dir))
 
     # Logging ---------------------------------------------------------------------------------
 
@@ -168,10 +216,12 @@ class RunContext:
         ``metrics`` must already be on the host (Python or NumPy scalars).
         """
         row = {name: float(value) for name, value in metrics.items()}
+        if stage not in self._stages_logged:  # a stage outside ctx.loop has no checkpoint: rows redone
+            self._forget_stage(stage, None)
         if not self.is_main:
             self._rows.append({"stage": stage, "step": int(step), **row})
             return
-        with self.metrics_path.open("a") as file:
+        with interrupts.deferred(), self.metrics_path.open("a") as file:  # a Ctrl-C never cuts a line
             file.write(json.dumps({"stage": stage, "step": int(step), **row}) + "\n")
         writer = self._writer(stage)
         for name, value in row.items():
@@ -185,18 +235,54 @@ class RunContext:
             return list(self._rows)
         if not self.metrics_path.exists():
             return []
-        with self.metrics_path.open() as file:
-            return [json.loads(line) for line in file if line.strip()]
+        lines = self.metrics_path.read_text().split("\n")
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if number == len(lines):  # a last line without its newline: cut by a kill mid-write
+                    break
+                raise ConfigError(f"{self.metrics_path}: line {number} is not a JSON row") from None
+            if not (isinstance(row, dict) and isinstance(row.get("stage"), str) and isinstance(row.get("step"), int)):
+                raise ConfigError(f"{self.metrics_path}: line {number} is not a row with a stage and a step")
+            rows.append(row)
+        return rows
 
-    def _drop_rows_after(self, stage: str, step: int) -> None:
-        """Forgets ``stage``'s rows past ``step``: they are recomputed after a resume."""
+    def _drop_cut_line(self) -> None:
+        """Drops a last line of metrics.jsonl without its newline (a kill mid-write), so that the next row
+        starts a line of its own; it belongs to a chunk after the last checkpoint, which is redone."""
+        try:
+            with self.metrics_path.open("rb+") as file:
+                data = file.read()
+                if data and not data.endswith(b"\n"):
+                    file.truncate(data.rfind(b"\n") + 1)
+        except FileNotFoundError:
+            pass
+
+    def _drop_rows_after(self, stage: str, step: int | None) -> None:
+        """Forgets ``stage``'s rows past ``step`` (all of them for ``None``): they are recomputed after a resume."""
         rows = self.read_metrics()
-        kept = [r for r in rows if r["stage"] != stage or r["step"] <= step]
+        kept = [r for r in rows if r["stage"] != stage or (step is not None and r["step"] <= step)]
         if not self.is_main:
             self._rows = kept
         elif len(kept) != len(rows):
-            with self.metrics_path.open("w") as file:
-                file.writelines(json.dumps(r) + "\n" for r in kept)
+            partial = self.metrics_path.with_name(METRICS_FILE + ".tmp")
+            with interrupts.deferred():  # the new file replaces the old one whole, or not at all
+                with partial.open("w") as file:
+                    file.writelines(json.dumps(r) + "\n" for r in kept)
+                os.replace(partial, self.metrics_path)
+
+    def _forget_stage(self, stage: str, step: int | None) -> None:
+        """Before this process logs ``stage``'s first row: the rows an earlier process logged after the stage's
+        last checkpoint ``step`` are dropped, all of them (and its TensorBoard events) when it has none."""
+        self._stages_logged.add(stage)
+        self._drop_rows_after(stage, step)
+        events = self.run_dir / "tensorboard" / _file_name(stage)
+        if step is None and self.is_main and stage not in self._writers and events.is_dir():
+            shutil.rmtree(events)
 
     # Plots -----------------------------------------------------------------------------------
 
@@ -289,10 +375,13 @@ class RunContext:
         if start:
             state = checkpoint.restore(directory, state, start)
             if start >= num_chunks:
+                self._stages_logged.add(stage)
                 return state
-            self._drop_rows_after(stage, start * steps_per_chunk)
+            self._forget_stage(stage, start * steps_per_chunk)
             if self.is_main:
                 self._writer(stage, purge_step=start * steps_per_chunk + 1)
+        elif stage not in self._stages_logged:  # (rows logged before the loop in this process are kept)
+            self._forget_stage(stage, None)
 
         from tqdm import tqdm  # the bar draws on stderr, and only on a terminal by default
 
@@ -301,7 +390,15 @@ class RunContext:
             for chunk in range(start, num_chunks):
                 state, metrics = chunk_fn(state)
                 # The one device-to-host transfer of the chunk (gathered from every process's devices).
-                row = reduce_chunk_metrics(parallel.to_host(metrics), reduce)
+                host_metrics = parallel.to_host(metrics)
+                bad = first_non_finite(host_metrics)
+                if bad is not None:
+                    name, index, value = bad
+                    at = chunk * steps_per_chunk + (index + 1 if np.ndim(host_metrics[name]) else steps_per_chunk)
+                    raise NonFiniteMetric(
+                        f"{self.run_dir}: stage '{stage}', step {at}: metric '{name}' is {value} (training "
+                        f"diverged; a smaller learning rate or step size may help)")
+                row = reduce_chunk_metrics(host_metrics, reduce)
                 done = chunk + 1
                 self.log(done * steps_per_chunk, row, stage=stage)
                 keys = progress_keys if progress_keys is not None else list(row)[:4]
@@ -312,6 +409,7 @@ class RunContext:
                 self._chunks_run[0] += 1
                 if self._stop_after_chunks is not None and self._chunks_run[0] >= self._stop_after_chunks:
                     raise StopRequested(f"stopped after {self._chunks_run[0]} chunks")
+                interrupts.check()  # a Ctrl-C that a library swallowed during the chunk stops the run here
         return state
 
     def close(self) -> None:

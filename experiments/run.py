@@ -15,8 +15,12 @@ Usage::
     python -m experiments.run NAME --wandb.project P         # also log to Weights & Biases (offline)
 
 Bad input (unknown experiment or key, ill-typed or refused value, unreadable file, nothing to
-resume) is reported as one ``error: ...`` line on stderr with exit code 2. Ctrl-C leaves the last
-checkpoint intact and exits with code 130; ``--resume`` continues from it.
+resume, a run directory in use or not this run's) is reported as one ``error: ...`` line on stderr with
+exit code 2. Ctrl-C, at any moment, exits with code 130 and one line saying what the run directory keeps:
+its committed checkpoints (``--resume`` continues from them; a checkpoint being written is finished
+first), or nothing. A new run that stops (refused, interrupted, failed) before its first checkpoint
+leaves the file system as it found it (experiments/rundir.py), so the same command can be run again. A
+second Ctrl-C stops at once.
 
 ``--distributed`` calls ``jax.distributed.initialize`` before anything else (the cluster is detected
 on Cloud TPU and SLURM; elsewhere give ``--coordinator-address HOST:PORT --num-processes N
@@ -31,7 +35,12 @@ config.json.
 
 from __future__ import annotations
 
-import dataclasses
+from constrained_rl import interrupts
+
+if __name__ == "__main__":  # python -m experiments.run: a Ctrl-C during the imports waits for main()
+    interrupts.install(hold=True)
+
+import dataclasses  # noqa: E402  (after the handler above)
 import json
 import sys
 import time
@@ -40,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from constrained_rl.config import ConfigError
-from experiments import cli, provenance, registry, tracking
+from experiments import cli, provenance, registry, rundir, tracking
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -195,7 +204,16 @@ def _timestamped_run_dir(name: str) -> Path:
     return run_dir
 
 
-def _prepare_new_run(invocation: Invocation) -> tuple[registry.Experiment, Any, Path]:
+@dataclasses.dataclass
+class _Held:
+    """What this invocation holds of its run directory, for the clean-up when the run stops early."""
+
+    path: Path | None = None  # the run directory, once chosen
+    directory: rundir.RunDirectory | None = None  # locked, on process 0 only
+    summary_before: int | None = None  # summary.json's mtime when the run began (None: absent)
+
+
+def _prepare_new_run(invocation: Invocation, held: _Held) -> tuple[registry.Experiment, Any, Path]:
     from constrained_rl import parallel
 
     name = invocation.name or registry.DEFAULT_EXPERIMENT
@@ -209,26 +227,32 @@ def _prepare_new_run(invocation: Invocation) -> tuple[registry.Experiment, Any, 
         run_dir = Path(invocation.run_dir)
     else:  # every process takes process 0's choice: the clocks (and what exists) may differ
         run_dir = Path(parallel.broadcast_text(str(_timestamped_run_dir(name))))
-    if (run_dir / "config.json").exists():
-        raise ConfigError(f"--run-dir {run_dir}: already holds a run (continue it with --resume)")
+    rundir.check_new(run_dir)  # every process refuses alike
+    held.path = run_dir
     parallel.barrier("run directory checked")  # before process 0 writes config.json below
     if parallel.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_record(run_dir, {"experiment": name, "config": cli.config_to_dict(config)})
+        held.directory = rundir.RunDirectory.claim_new(run_dir)
+        interrupts.set_note(f"{run_dir} may hold part of the run")
+        with interrupts.deferred():
+            _write_run_record(run_dir, {"experiment": name, "config": cli.config_to_dict(config)})
+            held.directory.write_config_hash()
     return experiment, config, run_dir
 
 
 def _write_run_record(run_dir: Path, record: dict[str, Any] | None) -> None:
     """config.json (unless ``record`` is None: a resumed run keeps its own) and environment.json, the
     package versions and git commit of the code that runs now. Process 0 only."""
-    if record is not None:
-        (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    provenance.write_environment(run_dir)
+    try:
+        if record is not None:
+            (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        provenance.write_environment(run_dir)
+    except OSError as error:
+        raise ConfigError(f"{run_dir}: cannot write the run's records ({error})") from None
 
 
-def _prepare_resume(invocation: Invocation) -> tuple[registry.Experiment, Any, Path]:
+def _prepare_resume(invocation: Invocation, held: _Held) -> tuple[registry.Experiment, Any, Path]:
     from constrained_rl import parallel
-    from experiments.context import RunContext
+    from experiments.context import saved_checkpoints
 
     if invocation.name or invocation.overrides or invocation.config_file or invocation.run_dir:
         raise ConfigError("--resume: takes no experiment name or settings (they come from the run)")
@@ -236,20 +260,111 @@ def _prepare_resume(invocation: Invocation) -> tuple[registry.Experiment, Any, P
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json (not a run directory)")
+    held.path = run_dir
+    directory = rundir.RunDirectory(run_dir, new=False)
+    if parallel.is_main_process():
+        directory.lock()
+        held.directory = directory
+        interrupts.set_note(f"{run_dir} keeps the checkpoints committed so far")
+    summary_path = run_dir / "summary.json"
+    held.summary_before = summary_path.stat().st_mtime_ns if summary_path.exists() else None
     record = cli.read_mapping_file(config_path)
     if not isinstance(record.get("experiment"), str) or not isinstance(record.get("config"), dict):
         raise ConfigError(f"{config_path}: expected keys 'experiment' and 'config'")
     experiment = registry.load(record["experiment"])
     config = cli.build_config(experiment.config_cls, cli.flatten(record["config"], str(config_path)))
-    if not RunContext(run_dir).has_checkpoint():
+    if not saved_checkpoints(run_dir):
         raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from")
+    directory.check_config_hash()  # the checkpoints were made with this config, not an edited one
     if parallel.is_main_process():
         _write_run_record(run_dir, None)  # the code continuing the run may not be the code that began it
     return experiment, config, run_dir
 
 
 def execute(invocation: Invocation) -> int:
-    """Runs what ``invocation`` asks for; returns the exit code. ConfigError propagates."""
+    """Runs what ``invocation`` asks for; returns the exit code. ConfigError propagates.
+
+    Whatever stops the run, a new run without a committed checkpoint removes what it created; an interrupt
+    returns EXIT_INTERRUPTED after one line saying what the run directory keeps.
+    """
+    held = _Held()
+    try:
+        code = _execute(invocation, held)
+        interrupts.check()  # a Ctrl-C while the summary was written (which a library may have swallowed)
+        return code
+    except BaseException as error:
+        return _stopped(held, error)
+    finally:
+        if held.directory is not None:
+            held.directory.release()
+
+
+def _stopped(held: _Held, error: BaseException) -> int:
+    """After ``error`` stopped the run: the clean-up, then the interrupt's line (EXIT_INTERRUPTED) or ``error``
+    raised again."""
+    try:
+        with interrupts.deferred():  # a first Ctrl-C now waits for the clean-up to end
+            outcome = _clean_up(held, error)
+    except KeyboardInterrupt:
+        outcome = _clean_up(held, KeyboardInterrupt())  # done already: this only words the line
+    if outcome is None:
+        raise error
+    return _interrupted(outcome)
+
+
+def _clean_up(held: _Held, error: BaseException) -> str | None:
+    """Removes what a new run made when it has no checkpoint; returns the interrupt's line (None: not one)."""
+    from constrained_rl import parallel
+    from experiments.context import saved_checkpoints
+
+    interrupted = isinstance(error, KeyboardInterrupt) or interrupts.requested()
+    directory = held.directory
+    if directory is None or not (interrupted or isinstance(error, Exception)):
+        if not interrupted:
+            return None
+        if held.path is not None and not parallel.is_main_process():
+            return f"interrupted: {held.path} is reported on by process 0"
+        return "interrupted before the run started: nothing written"
+    path = directory.path
+    try:
+        kept = saved_checkpoints(path)
+    except ConfigError as unreadable:
+        return f"interrupted: {path} kept as it is ({unreadable})" if interrupted else None
+    summary = path / "summary.json"
+    finished = summary.exists() and summary.stat().st_mtime_ns != held.summary_before
+    outcome = None
+    if not kept and not finished and directory.new and directory.owned:
+        interrupts.set_note(f"{path} may be partly removed")
+        outcome = directory.discard()
+    if not interrupted:
+        return None
+    if outcome is not None:
+        return (f"interrupted before the first checkpoint: nothing kept ({outcome}); the same command starts "
+                "the run again")
+    if finished:
+        return f"interrupted after the run finished: {path} is complete (summary.json written)"
+    if not kept:
+        return f"interrupted: {path} left as it was (it holds no checkpoint)"
+    shown = [f"{stage} at chunk {step}" for stage, step in kept.items()]
+    if len(shown) > 4:
+        shown = shown[:4] + [f"{len(kept) - 4} more"]
+    return (f"interrupted: {path} keeps its checkpoints ({', '.join(shown)}); continue with "
+            f"python -m experiments.run --resume {path}")
+
+
+def _interrupted(line: str) -> int:
+    interrupts.end("interrupted again: stopped at once")  # reported: nothing more is raised
+    print(line, file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _exit_code(error: BaseException) -> int:
+    if isinstance(error, KeyboardInterrupt) or interrupts.requested():
+        return EXIT_INTERRUPTED
+    return EXIT_BAD_INPUT if isinstance(error, ConfigError) else 1
+
+
+def _execute(invocation: Invocation, held: _Held) -> int:
     from constrained_rl import parallel
     from experiments.context import RunContext, to_json_value
 
@@ -257,9 +372,9 @@ def execute(invocation: Invocation) -> int:
     wandb = tracking.import_wandb() if wandb_settings is not None else None  # refused before any run starts
     mesh = _mesh(invocation)
     if invocation.resume is not None:
-        experiment, config, run_dir = _prepare_resume(invocation)
+        experiment, config, run_dir = _prepare_resume(invocation, held)
     else:
-        experiment, config, run_dir = _prepare_new_run(invocation)
+        experiment, config, run_dir = _prepare_new_run(invocation, held)
 
     main_process = parallel.is_main_process()
     wandb_logger = None
@@ -272,19 +387,11 @@ def execute(invocation: Invocation) -> int:
     started = time.perf_counter()
     try:
         summary = experiment.run(config, ctx)
-    except KeyboardInterrupt:
+        interrupts.check()  # a Ctrl-C that a library swallowed stops the run all the same
+    except BaseException as error:  # execute() cleans up and says what was kept
         ctx.close()
         if wandb_logger is not None:
-            wandb_logger.finish(EXIT_INTERRUPTED)
-        print(
-            f"interrupted: {run_dir} keeps its last checkpoint; continue with "
-            f"python -m experiments.run --resume {run_dir}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
-    except BaseException:
-        if wandb_logger is not None:
-            wandb_logger.finish(1)
+            wandb_logger.finish(_exit_code(error))
         raise
     ctx.close()
     if not main_process:
@@ -322,7 +429,18 @@ def _format(value: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
+    previous = interrupts.install()  # None when already installed (python -m experiments.run, above)
     try:
+        code = _main(argv)
+        interrupts.end(f"interrupted while exiting (exit code {code})")
+        return code
+    finally:
+        interrupts.uninstall(previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
+        interrupts.release()  # the early handler's hold: a Ctrl-C during the imports is raised here
         invocation = parse_args(sys.argv[1:] if argv is None else argv)
         multi_host_flags = (invocation.coordinator_address, invocation.num_processes, invocation.process_id)
         if not invocation.distributed and any(flag is not None for flag in multi_host_flags):
@@ -344,8 +462,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return execute(invocation)
     except ConfigError as error:
+        if interrupts.requested():
+            return _interrupted("interrupted before the run started: nothing written")
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BaseException:
+        if interrupts.requested():  # whatever a Ctrl-C during the imports turned into (an ImportError, ...)
+            return _interrupted("interrupted before the run started: nothing written")
+        raise
 
 
 if __name__ == "__main__":

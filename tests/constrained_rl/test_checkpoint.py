@@ -91,3 +91,21 @@ def test_corrupt_checkpoint_is_a_config_error(tmp_path):
                 file.write("garbage")
     with pytest.raises(ConfigError, match=str(tmp_path / "1")):
         checkpoint.restore(tmp_path, make_state(0.0))
+
+
+def test_a_save_cut_short_is_not_read_and_the_next_save_replaces_it(tmp_path, capfd):
+    checkpoint.save(tmp_path, 1, make_state(1.0))
+    partial = tmp_path / "2.orbax-checkpoint-tmp"  # what a process killed while saving step 2 leaves
+    (partial / "default").mkdir(parents=True)
+    (partial / "default" / "half").write_text("half a write")
+    assert checkpoint.all_steps(tmp_path) == [1] and checkpoint.latest_step(tmp_path) == 1
+    checkpoint.save(tmp_path, 2, make_state(2.0))
+    assert checkpoint.all_steps(tmp_path) == [1, 2] and not partial.exists()
+    assert "tmp" not in capfd.readouterr().err  # replaced quietly
+    assert int(checkpoint.restore(tmp_path, make_state(0.0)).step) == 2
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_config_error(tmp_path):
+    (tmp_path / "stage").write_text("a file where the folder should be")
+    with pytest.raises(ConfigError, match="cannot write checkpoint"):
+        checkpoint.save(tmp_path / "stage", 1, make_state(1.0))

@@ -68,3 +68,48 @@ def test_logged_rows_reach_wandb_under_the_child_and_stage(tmp_path, monkeypatch
     # The same rows went to metrics.jsonl of the run that logged them.
     rows = RunContext(tmp_path / "offline" / "bc").read_metrics()
     assert [(r["stage"], r["step"], r["y"]) for r in rows] == [("train", 1, 0.0), ("train", 2, 2.0)]
+
+
+def test_checkpoints_of_child_runs_count_for_the_run(tmp_path):
+    from experiments.context import saved_checkpoints
+
+    parent = RunContext(tmp_path, progress=False)
+    assert not parent.has_checkpoint()
+    parent.child("sft").loop("train", _count_init, _count_chunk, num_chunks=3, checkpoint_every=2)
+    parent.child("rl").child("inner").loop("a/b", _count_init, _count_chunk, num_chunks=1)
+    parent.close()
+    assert parent.has_checkpoint()
+    assert saved_checkpoints(tmp_path) == {"sft/train": 3, "rl/inner/a/b": 1}
+
+
+def test_a_cut_last_metrics_line_is_dropped_and_a_broken_one_refused(tmp_path):
+    from constrained_rl.config import ConfigError
+
+    ctx = RunContext(tmp_path, progress=False)
+    ctx.log(1, {"x": 1.0})
+    with ctx.metrics_path.open("a") as file:
+        file.write('{"stage": "main", "st')  # a kill in the middle of a write
+    assert [r["step"] for r in ctx.read_metrics()] == [1]
+    again = RunContext(tmp_path, progress=False)  # the next run on it drops the cut line first
+    again.log(2, {"x": 2.0}, stage="other")
+    assert [(r["stage"], r["step"]) for r in again.read_metrics()] == [("main", 1), ("other", 2)]
+    ctx.metrics_path.write_text('{"stage": "main", "step": 1}\nnot json\n{"stage": "main", "step": 2}\n')
+    with pytest.raises(ConfigError, match="metrics.jsonl: line 2 is not a JSON row"):
+        again.read_metrics()
+    ctx.close()
+    again.close()
+
+
+def test_a_non_finite_metric_stops_the_loop_naming_the_stage_step_and_metric(tmp_path):
+    from experiments.context import NonFiniteMetric
+
+    def diverging(state):
+        count = state["count"] + 1
+        steps = jnp.arange(4.0) + 4 * state["count"]
+        return {"count": count}, {"loss": jnp.where(steps >= 6, jnp.inf, steps), "ok": count}
+
+    ctx = RunContext(tmp_path, progress=False)
+    with pytest.raises(NonFiniteMetric, match=r"stage 'fit', step 7: metric 'loss' is inf"):
+        ctx.loop("fit", _count_init, diverging, num_chunks=3, steps_per_chunk=4)
+    assert [r["step"] for r in ctx.read_metrics()] == [4]  # the diverged chunk is not logged
+    ctx.close()

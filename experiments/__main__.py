@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from experiments.run import main
+from constrained_rl import interrupts
+
+interrupts.install(hold=True)  # a Ctrl-C during the imports waits for main() to handle it
+
+from experiments.run import main  # noqa: E402
 
 sys.exit(main())

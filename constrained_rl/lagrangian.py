@@ -353,6 +353,14 @@ class MultiplierConfig:
         require(isinstance(self.derivative_delay, int) and self.derivative_delay >= 1, "derivative_delay",
                 f"must be an integer >= 1 (got {self.derivative_delay!r})")
 
+    def unread_fields(self) -> dict[str, str]:
+        """The fields this kind does not read (they hold a learner's numbers for the other kinds), each with
+        why: the command line refuses a setting of one of them (``--multiplier.kp`` under a fixed lambda)."""
+        return {name: f"kind {self.kind!r} does not read it; it applies under "
+                      + " or ".join(k for k, fields in KIND_FIELDS.items() if name in fields)
+                for name in (f.name for f in dataclasses.fields(self))
+                if name != "kind" and name not in KIND_FIELDS[self.kind]}
+
 
 def make_rule(config: MultiplierConfig) -> MultiplierRule:
     """The rule ``config.kind`` names, built with the config's numbers (the fields its kind reads)."""
@@ -375,24 +383,6 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "pid": ("init", "max", "kp", "ki", "kd", "proportional_ema_alpha", "derivative_ema_alpha", "derivative_delay"),
 }
 
-
-def require_multipliers_read(config: Any) -> None:
-    """Refuses, in every ``MultiplierConfig`` field of a learner's ``config``, a value its kind does not read
-    that differs from both the learner's default (its numbers for the other kinds) and the class default
-    (what a fresh ``MultiplierConfig(kind=..., init=...)`` holds): it would be accepted and ignored.
-    ``--multiplier.kp 0.2`` with a fixed lambda is refused; with ``--multiplier.kind pid`` it is read."""
-    plain = MultiplierConfig()
-    for spec in dataclasses.fields(config):
-        value = getattr(config, spec.name)
-        if not isinstance(value, MultiplierConfig):
-            continue
-        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        for name in (f.name for f in dataclasses.fields(value)):
-            if name == "kind" or name in KIND_FIELDS[value.kind]:
-                continue
-            require(getattr(value, name) in (getattr(default, name), getattr(plain, name)), f"{spec.name}.{name}",
-                    f"is not read by kind {value.kind!r} (got {getattr(value, name)}); it applies under "
-                    f"{' or '.join(k for k, fields in KIND_FIELDS.items() if name in fields)}")
 
 # --------------------------------------------------------------------------------------------------
 # using the multiplier

@@ -313,7 +313,23 @@ def build_config(config_cls: type, overrides: Sequence[Override]) -> Any:
         for name in path[:-1]:
             node = node.setdefault(name, {})
         node[path[-1]] = converted
-    return _replace_nested(_construct(config_cls), config_cls, values, "")
+    config = _replace_nested(_construct(config_cls), config_cls, values, "")
+    for override in overrides:
+        _refuse_if_unread(config, override)
+    return config
+
+
+def _refuse_if_unread(config: Any, override: Override) -> None:
+    """A setting its section does not read under the chosen values is refused: a section may say which of
+    its fields those are, and why, in a method ``unread_fields() -> {field: reason}`` (a multiplier's
+    fields of other kinds)."""
+    *parents, leaf = override.key.split(".")
+    section = config
+    for name in parents:
+        section = getattr(section, name)
+    reason = getattr(section, "unread_fields", dict)().get(leaf)
+    if reason is not None:
+        raise ConfigError(f"{override.source}: not read here ({reason})")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -63,7 +63,6 @@ class Config:
     seed: int = 0  # builds the tables and seeds the sampling
 
     def __post_init__(self) -> None:
-        lagrangian.require_multipliers_read(self)
         require(self.num_contexts >= 1, "num_contexts", f"must be >= 1, got {self.num_contexts}")
         require(self.num_actions >= 3, "num_actions", f"must be >= 3, got {self.num_actions}")
         require(0.0 <= self.hard_fraction <= 1.0, "hard_fraction",

@@ -53,7 +53,6 @@ class RePOConfig:
     multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: MULTIPLIER)  # lambda's rule
 
     def __post_init__(self) -> None:
-        lagrangian.require_multipliers_read(self)
         require(self.multiplier.kind in KINDS, "multiplier.kind",
                 f"must be {' or '.join(KINDS)} for RePO (got {self.multiplier.kind!r})")
 

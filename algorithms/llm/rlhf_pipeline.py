@@ -108,7 +108,6 @@ class Config:
     eval_temperature: float = 1.0  # sampling temperature at evaluation
 
     def __post_init__(self) -> None:
-        lagrangian.require_multipliers_read(self)
         require(len(self.methods) >= 1 and all(m in METHODS for m in self.methods), "methods",
                 f"must be a non-empty subset of {METHODS}, got {self.methods}")
         require(len(set(self.methods)) == len(self.methods), "methods", f"has repeats: {self.methods}")

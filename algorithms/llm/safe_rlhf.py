@@ -37,7 +37,6 @@ class SafeRLHFConfig:
     cost_window: int = 128  # J_c averages the costs of this many most recent responses
 
     def __post_init__(self) -> None:
-        lagrangian.require_multipliers_read(self)
         require(self.cost_window >= 1, "cost_window", f"must be >= 1, got {self.cost_window}")
 
 

@@ -365,19 +365,23 @@ def test_make_rule_builds_the_rule_its_kind_names(kind):
 
 
 def test_a_multiplier_setting_its_kind_does_not_read_is_refused():
+    from experiments import cli
+
     @dataclasses.dataclass(frozen=True)
     class Learner:
         multiplier: lagrangian.MultiplierConfig = dataclasses.field(
-            default_factory=lambda: lagrangian.MultiplierConfig(kind="fixed", init=1.0, kp=0.2, max=5.0))
+            default_factory=lambda: lagrangian.MultiplierConfig(kind="fixed", init=1.0))  # lambda's rule
 
-        def __post_init__(self):
-            lagrangian.require_multipliers_read(self)
+    def build(*pairs):
+        return cli.build_config(Learner, [cli.Override(k, v, f"--{k}", from_text=True) for k, v in pairs])
 
-    Learner()  # the defaults, whatever the kind reads
-    Learner(lagrangian.MultiplierConfig(kind="fixed", init=3.0, kp=0.2, max=5.0))  # init is read by fixed
-    Learner(lagrangian.MultiplierConfig(kind="fixed", init=3.0))  # the class defaults elsewhere
-    with pytest.raises(ConfigError, match=r"multiplier.kp: is not read by kind 'fixed'.*pid"):
-        Learner(lagrangian.MultiplierConfig(kind="fixed", init=1.0, kp=0.3, max=5.0))
-    Learner(lagrangian.MultiplierConfig(kind="pid", init=1.0, kp=0.3, max=5.0))  # read once the kind is pid
-    with pytest.raises(ConfigError, match=r"multiplier.learning_rate: .*log_ascent or projected_ascent"):
-        Learner(lagrangian.MultiplierConfig(kind="pid", init=1.0, learning_rate=0.5))
+    fixed = lagrangian.MultiplierConfig(kind="fixed")
+    assert set(fixed.unread_fields()) == {"max", "min", "learning_rate", "kp", "ki", "kd", "proportional_ema_alpha",
+                                          "derivative_ema_alpha", "derivative_delay"}
+    assert set(lagrangian.MultiplierConfig(kind="pid").unread_fields()) == {"min", "learning_rate"}
+    assert build(("multiplier.init", "3")).multiplier.init == 3.0  # init is read by fixed
+    with pytest.raises(ConfigError, match=r"--multiplier.kp: not read here \(kind 'fixed' does not read it; .*pid\)"):
+        build(("multiplier.kp", "0.2"))
+    assert build(("multiplier.kind", "pid"), ("multiplier.kp", "0.2")).multiplier.kp == 0.2  # read under pid
+    with pytest.raises(ConfigError, match=r"--multiplier.learning_rate: .*log_ascent or projected_ascent"):
+        build(("multiplier.kind", "pid"), ("multiplier.learning_rate", "0.5"))

@@ -71,7 +71,6 @@ class Config:
     eval_episodes: int = 10  # episodes of the deterministic policy scored at the end, per run
 
     def __post_init__(self) -> None:
-        lagrangian.require_multipliers_read(self)
         require(self.task in envs.names(), "task",
                 f"unknown environment {self.task!r}; known: {', '.join(envs.names())}")
         require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")

@@ -53,6 +53,9 @@ from experiments import cli, provenance, registry, rundir, tracking
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# A summary key holding the experiment's own report (text): printed at the end in place of the summary's
+# figures, which go to summary.json without it (docs/running.md, "Writing an experiment").
+REPORT_KEY = "report"
 
 USAGE = """\
 usage: python -m experiments.run [NAME] [--key value ...] [--config FILE] [--run-dir DIR]
@@ -397,11 +400,17 @@ def _execute(invocation: Invocation, held: _Held) -> int:
     if not main_process:
         return 0
     ctx.plot_learning_curves()  # this run's and every child run's
-    record = {**to_json_value(dict(summary)), "wall_time_s": time.perf_counter() - started}
+    summary = dict(summary)
+    report = summary.pop(REPORT_KEY, None)  # the experiment's own short report, printed instead of the figures
+    record = {**to_json_value(summary), "wall_time_s": time.perf_counter() - started}
     (run_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
     if wandb_logger is not None:
         wandb_logger.summary(record)
         wandb_logger.finish(0)
+    if report is not None:
+        print(str(report).rstrip("\n"))
+        print(f"\nWall time {record['wall_time_s']:.0f} s; every figure in {run_dir / 'summary.json'}.")
+        return 0
     for key, value in record.items():
         print(f"{key}: {_format(value)}")
     return 0

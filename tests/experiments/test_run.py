@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -192,6 +193,25 @@ def test_console_command_is_the_runner(capsys):
     assert {line.split()[0] for line in lines} == set(registry.EXPERIMENTS)
     assert project["optional-dependencies"]["wandb"] == ["wandb>=0.17"]
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportingConfig:
+    seed: int = 0  # PRNG seed
+
+
+def test_a_summary_report_is_printed_in_place_of_the_figures(tmp_path, monkeypatch, capsys):
+    def reporting_run(config, ctx):
+        return {"score": 0.5, "report": "Scores\n| a | 0.50 |"}
+
+    experiment = types.SimpleNamespace(name="reporting", config_cls=ReportingConfig, run=reporting_run)
+    monkeypatch.setattr(registry, "load", lambda name: experiment)
+    assert run.main(["reporting", "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "Scores\n| a | 0.50 |\n" in out
+    assert "score:" not in out and "wall_time_s" not in out and "summary.json" in out.splitlines()[-1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["score"] == 0.5 and "report" not in summary
 
 def test_run_directory_records_the_environment_and_resume_rewrites_it(tmp_path, monkeypatch):
     from experiments import provenance

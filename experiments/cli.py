@@ -297,8 +297,12 @@ def _construct(config_cls: type, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix}{error}") from None
 
 
-def build_config(config_cls: type, overrides: Sequence[Override]) -> Any:
-    """The default config with ``overrides`` applied in order (later ones win), then validated."""
+def build_config(config_cls: type, overrides: Sequence[Override], *, record: bool = False) -> Any:
+    """The default config with ``overrides`` applied in order (later ones win), then validated.
+
+    ``record``: the overrides are a run's own record (its config.json), every field written out, rather
+    than what a user set; fields the config does not read (:func:`_refuse_if_unread`) are then accepted.
+    """
     values: dict[str, Any] = {}
     for override in overrides:
         path, tp = _resolve(config_cls, override)
@@ -314,7 +318,7 @@ def build_config(config_cls: type, overrides: Sequence[Override]) -> Any:
             node = node.setdefault(name, {})
         node[path[-1]] = converted
     config = _replace_nested(_construct(config_cls), config_cls, values, "")
-    for override in overrides:
+    for override in () if record else overrides:
         _refuse_if_unread(config, override)
     return config
 

@@ -151,7 +151,7 @@ def read_run(run_dir: str) -> Trained:
     if family is None:
         raise ConfigError(f"run_dir: {directory}: a run of {name!r}; evaluate re-scores the policies of "
                           "control learners (the offline learners, ppo_lag, ppo)")
-    learner = cli.build_config(experiment.config_cls, cli.flatten(content["config"], str(config_path)))
+    learner = cli.build_config(experiment.config_cls, cli.flatten(content["config"], str(config_path)), record=True)
     return Trained(directory, name, family, learner, policy_export.read(directory))
 
 
@@ -273,7 +273,7 @@ def learner_config(record: dict[str, Any]) -> Any:
     config_cls: Any = importlib.import_module(module_name)
     for name in class_name.split("."):
         config_cls = getattr(config_cls, name)
-    return cli.build_config(config_cls, cli.flatten(record["config"], "policy.json"))
+    return cli.build_config(config_cls, cli.flatten(record["config"], "policy.json"), record=True)
 
 
 class LoadedPolicy(NamedTuple):

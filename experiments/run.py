@@ -275,7 +275,7 @@ def _prepare_resume(invocation: Invocation, held: _Held) -> tuple[registry.Exper
     if not isinstance(record.get("experiment"), str) or not isinstance(record.get("config"), dict):
         raise ConfigError(f"{config_path}: expected keys 'experiment' and 'config'")
     experiment = registry.load(record["experiment"])
-    config = cli.build_config(experiment.config_cls, cli.flatten(record["config"], str(config_path)))
+    config = cli.build_config(experiment.config_cls, cli.flatten(record["config"], str(config_path)), record=True)
     if not saved_checkpoints(run_dir):
         raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from")
     directory.check_config_hash()  # the checkpoints were made with this config, not an edited one

@@ -256,3 +256,44 @@ def test_episode_ending_on_both_flags_and_on_the_last_row():
     np.testing.assert_array_equal(episodes.starts, [0, 3, 7, 9])
     np.testing.assert_array_equal(episodes.ends, [3, 7, 9, 10])
     np.testing.assert_allclose(episodes.cost_returns, EPISODE_COSTS + [5.0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Returns-to-go
+
+
+def test_returns_to_go_by_hand():
+    gamma = 0.5
+    dataset = with_returns_to_go(offline_dataset_from_arrays(make_arrays()), gamma)
+    returns = jax.device_get(dataset.returns)
+    # Episode [0, 3) ends terminal: no tail bootstrap. Rewards 1, 2, 3; costs 0, 1, 0.
+    np.testing.assert_allclose(returns.reward_returns[:3], [1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3])
+    np.testing.assert_allclose(returns.cost_returns[:3], [0.5, 1.0, 0.0])
+    np.testing.assert_allclose(returns.tail_discounts[:3], 0.0)
+    # Episode [3, 7) ends by timeout: bootstrap from s' of row 6 with gamma^(6 - t + 1).
+    np.testing.assert_allclose(returns.reward_returns[3:7], [0.5 * (1 + 0.5 + 0.25 + 0.125), 0.5 * 1.75, 0.75, 0.5])
+    np.testing.assert_allclose(returns.tail_discounts[3:7], [0.5 ** 4, 0.5 ** 3, 0.5 ** 2, 0.5])
+    np.testing.assert_array_equal(returns.tail_rows[3:7], 6)
+    # Row 9, after the last flagged row, is an episode cut at the end of the data.
+    assert returns.tail_rows[9] == 9 and returns.tail_discounts[9] == 0.5 and returns.cost_returns[9] == 5.0
+    np.testing.assert_array_equal(returns.tail_rows[7:9], 8)
+
+    batch = take_transitions(dataset, jnp.array([4, 0]))
+    np.testing.assert_allclose(batch.returns.tail_observations, np.asarray(dataset.next_observations)[[6, 2]])
+    np.testing.assert_allclose(batch.returns.tail_discounts, [0.125, 0.0])
+    assert take_transitions(offline_dataset_from_arrays(make_arrays()),
+                                 jnp.array([0])).returns is None
+
+
+def test_scaled_batch_scales_signals_and_their_returns_only():
+    dataset = with_returns_to_go(offline_dataset_from_arrays(make_arrays()), 0.5)
+    batch = take_transitions(dataset, jnp.array([4, 0]))
+    scaled = jax.jit(lambda b: b.scaled(0.1, 2.0))(batch)
+    np.testing.assert_allclose(scaled.rewards, 0.1 * batch.rewards, rtol=1e-6)
+    np.testing.assert_allclose(scaled.costs, 2.0 * batch.costs, rtol=1e-6)
+    np.testing.assert_allclose(scaled.returns.reward_returns, 0.1 * batch.returns.reward_returns, rtol=1e-6)
+    np.testing.assert_allclose(scaled.returns.cost_returns, 2.0 * batch.returns.cost_returns, rtol=1e-6)
+    # Bootstrapping weights and states are not signals: unchanged.
+    np.testing.assert_array_equal(scaled.returns.tail_discounts, batch.returns.tail_discounts)
+    np.testing.assert_array_equal(scaled.observations, batch.observations)
+    assert take_transitions(offline_dataset_from_arrays(make_arrays()), jnp.array([0])).scaled(0.1, 1.0).returns is None

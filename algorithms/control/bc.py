@@ -62,9 +62,9 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         del cost_limit  # it chooses the data (the rows sampled), not the state
         return cloning.init_bc_state(actor, optimizer, key, problem.observation_size)
 
-    phase = offline.Phase("train", cloning.bc_update(actor, optimizer), config.num_updates, rows=config.data)
+    phase = offline.Phase("train", cloning.bc_update(actor), config.num_updates, rows=config.data)
     return offline.Algorithm(init, (phase,), mlp.mode_policy(actor), uses_cost_limit=config.data == "safe",
-                             policy_fields=("actor",))
+                             policy_fields=("actor.params",))
 
 
 def run(config: Config, ctx) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from flax.training.train_state import TrainState
 
 from constrained_rl.data.dsrl import TransitionBatch
 from constrained_rl.models import mlp
@@ -24,26 +25,24 @@ Params = Any
 
 @struct.dataclass
 class BCState:
-    actor: Params
-    optimizer_state: optax.OptState
+    actor: TrainState  # params: the actor's variables ({"params": ...}), as ``actor.apply`` takes them
 
 
 def init_bc_state(actor: GaussianActor, optimizer: optax.GradientTransformation, key: jax.Array,
                   observation_size: int) -> BCState:
     params = mlp.init_actor(actor, key, observation_size)
-    return BCState(params, optimizer.init(params))
+    return BCState(TrainState.create(apply_fn=actor.apply, params=params, tx=optimizer))
 
 
-def bc_update(actor: GaussianActor, optimizer: optax.GradientTransformation):
-    """One maximum-likelihood step ``(BCState, batch, key) -> (BCState, metrics)``."""
+def bc_update(actor: GaussianActor):
+    """One maximum-likelihood step ``(BCState, batch, key) -> (BCState, metrics)`` with the state's optimizer."""
 
     def loss_fn(params: Params, batch: TransitionBatch) -> jax.Array:
         return -jnp.mean(mlp.actor_log_likelihood(actor, params, batch.observations, batch.actions))
 
     def update(state: BCState, batch: TransitionBatch, key: jax.Array) -> tuple[BCState, dict]:
         del key  # maximum likelihood needs no sampling
-        loss, grads = jax.value_and_grad(loss_fn)(state.actor, batch)
-        updates, optimizer_state = optimizer.update(grads, state.optimizer_state, state.actor)
-        return BCState(optax.apply_updates(state.actor, updates), optimizer_state), {"log_likelihood": -loss}
+        loss, grads = jax.value_and_grad(loss_fn)(state.actor.params, batch)
+        return state.replace(actor=state.actor.apply_gradients(grads=grads)), {"log_likelihood": -loss}
 
     return update

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from flax.training.train_state import TrainState
 
 from algorithms.control import cloning, offline
 from constrained_rl import critics, distributions, lagrangian
@@ -237,22 +238,30 @@ class Networks(NamedTuple):
 
 @struct.dataclass
 class SATACState:
-    """One run's learner state."""
+    """One run's learner state: a train state per trained network and optimizer.
 
-    actor: Params
-    reward_critic: Params
+    The actor and alpha have two optimizers, the warm start's fast Adam and the adversarial phase's slow
+    one, which starts from fresh moments: each is two train states over the same parameters
+    (:func:`phase_step` steps one and gives the other the new parameters), so the state's tree is the
+    same in every phase.
+    """
+
+    actor: TrainState  # the actor's variables, with the slow Adam of the adversarial phase
+    warmup_actor: TrainState  # the same variables, with the fast Adam of the warm start's cloning
+    reward_critic: TrainState
     reward_target: Params
-    cost_critic: Params  # trained only by SATAC (ATAC keeps its initial value)
+    cost_critic: TrainState  # trained only by SATAC (ATAC keeps its initial value)
     cost_target: Params
-    log_alpha: jax.Array
-    actor_optimizer: optax.OptState  # slow Adam of the adversarial phase
-    critic_optimizer: optax.OptState  # one Adam over (reward_critic, cost_critic)
-    alpha_optimizer: optax.OptState  # slow Adam of the adversarial phase
-    warmup_actor_optimizer: optax.OptState  # fast Adam of the warm start's cloning
-    warmup_alpha_optimizer: optax.OptState  # fast Adam of alpha in the warm start
+    alpha: TrainState  # params {"log_alpha": log alpha}, with the slow Adam of the adversarial phase
+    warmup_alpha: TrainState  # the same, with the fast Adam of the warm start
     multiplier_state: Any
     reference: cloning.BCState  # the BC-Safe reference policy (trained only when reference = bc_safe)
     cost_limit: jax.Array  # kappa of this run
+
+
+def entropy_weight(alpha_params: dict[str, jax.Array]) -> jax.Array:
+    """``alpha = exp(log_alpha)`` of the alpha train state's parameters."""
+    return jnp.exp(alpha_params["log_alpha"])
 
 
 class Learner(NamedTuple):
@@ -262,7 +271,7 @@ class Learner(NamedTuple):
     problem: offline.Problem
     networks: Networks
     actor_optimizer: optax.GradientTransformation
-    critic_optimizer: optax.GradientTransformation
+    critic_optimizer: optax.GradientTransformation  # each critic's
     alpha_optimizer: optax.GradientTransformation
     warmup_optimizer: optax.GradientTransformation  # actor and alpha in the warm start (fast timescale)
     reference_optimizer: optax.GradientTransformation
@@ -295,19 +304,20 @@ def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array) -> SATAC
     actor = mlp.init_actor(nets.actor, actor_key, sizes.observation_size)
     reward_critic = nets.reward_critic.init(reward_key, obs, action)
     cost_critic = nets.cost_critic.init(cost_key, obs, action)
-    log_alpha = jnp.log(jnp.asarray(learner.config.init_alpha, jnp.float32))
+    alpha = {"log_alpha": jnp.log(jnp.asarray(learner.config.init_alpha, jnp.float32))}
+
+    def trained(apply_fn: Any, params: Params, tx: optax.GradientTransformation) -> TrainState:
+        return TrainState.create(apply_fn=apply_fn, params=params, tx=tx)
+
     return SATACState(
-        actor=actor,
-        reward_critic=reward_critic,
+        actor=trained(nets.actor.apply, actor, learner.actor_optimizer),
+        warmup_actor=trained(nets.actor.apply, actor, learner.warmup_optimizer),
+        reward_critic=trained(nets.reward_critic.apply, reward_critic, learner.critic_optimizer),
         reward_target=reward_critic,
-        cost_critic=cost_critic,
+        cost_critic=trained(nets.cost_critic.apply, cost_critic, learner.critic_optimizer),
         cost_target=cost_critic,
-        log_alpha=log_alpha,
-        actor_optimizer=learner.actor_optimizer.init(actor),
-        critic_optimizer=learner.critic_optimizer.init((reward_critic, cost_critic)),
-        alpha_optimizer=learner.alpha_optimizer.init(log_alpha),
-        warmup_actor_optimizer=learner.warmup_optimizer.init(actor),
-        warmup_alpha_optimizer=learner.warmup_optimizer.init(log_alpha),
+        alpha=trained(entropy_weight, alpha, learner.alpha_optimizer),
+        warmup_alpha=trained(entropy_weight, alpha, learner.warmup_optimizer),
         multiplier_state=learner.multiplier_rule.init(),
         reference=cloning.init_bc_state(nets.actor, learner.reference_optimizer, reference_key,
                                    sizes.observation_size),
@@ -397,35 +407,37 @@ def _critic_step(learner: Learner, state: SATACState, batch: TransitionBatch, po
                        cost_pessimism=jnp.mean(c_policy - c_data))
         return reward_loss + cost_loss, metrics
 
-    critic_params = (state.reward_critic, state.cost_critic)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(critic_params)
-    updates, critic_optimizer = learner.critic_optimizer.update(grads, state.critic_optimizer, critic_params)
-    reward_critic, cost_critic = optax.apply_updates(critic_params, updates)
-    reward_critic = project_ensemble(reward_critic, config.critic_norm)
-    cost_critic = project_ensemble(cost_critic, config.critic_norm)
+    (reward_grads, cost_grads), metrics = jax.grad(loss_fn, has_aux=True)(
+        (state.reward_critic.params, state.cost_critic.params))
+
+    def step(critic: TrainState, grads: Params) -> TrainState:
+        critic = critic.apply_gradients(grads=grads)
+        return critic.replace(params=project_ensemble(critic.params, config.critic_norm))
+
+    reward_critic, cost_critic = step(state.reward_critic, reward_grads), step(state.cost_critic, cost_grads)
     return state.replace(
         reward_critic=reward_critic,
         cost_critic=cost_critic,
-        reward_target=critics.polyak_update(state.reward_target, reward_critic, config.tau),
-        cost_target=critics.polyak_update(state.cost_target, cost_critic, config.tau),
-        critic_optimizer=critic_optimizer,
+        reward_target=critics.polyak_update(state.reward_target, reward_critic.params, config.tau),
+        cost_target=critics.polyak_update(state.cost_target, cost_critic.params, config.tau),
     ), metrics
 
 
-def _adam_step(learner: Learner, state: SATACState, param: str, optimizer: str, grads: Any,
-               warm: bool) -> SATACState:
-    """One Adam step on ``state.<param>``: the warm start's fast Adam (moments in
-    ``warmup_<optimizer>_optimizer``) or the adversarial phase's slow one (``<optimizer>_optimizer``)."""
-    transformation = learner.warmup_optimizer if warm else getattr(learner, f"{optimizer}_optimizer")
-    slot = f"warmup_{optimizer}_optimizer" if warm else f"{optimizer}_optimizer"
-    params = getattr(state, param)
-    updates, optimizer_state = transformation.update(grads, getattr(state, slot), params)
-    return state.replace(**{param: optax.apply_updates(params, updates), slot: optimizer_state})
+def phase_step(slow: TrainState, fast: TrainState, grads: Any, warm: bool) -> tuple[TrainState, TrainState]:
+    """One Adam step of parameters held by two train states: the warm start's fast Adam (``fast``, when
+    ``warm``) or the adversarial phase's slow one (``slow``). The other state takes the new parameters and
+    keeps its moments, so the slow Adam enters the adversarial phase fresh. Returns ``(slow, fast)``."""
+    if warm:
+        fast = fast.apply_gradients(grads=grads)
+        return slow.replace(params=fast.params), fast
+    slow = slow.apply_gradients(grads=grads)
+    return slow, fast.replace(params=slow.params)
 
 
 def _alpha_step(learner: Learner, state: SATACState, log_probs: jax.Array, warm: bool) -> SATACState:
-    grad = jax.grad(alpha_loss)(state.log_alpha, log_probs, learner.target_entropy)
-    return _adam_step(learner, state, "log_alpha", "alpha", grad, warm)
+    grad = jax.grad(alpha_loss)(state.alpha.params["log_alpha"], log_probs, learner.target_entropy)
+    alpha, warmup_alpha = phase_step(state.alpha, state.warmup_alpha, {"log_alpha": grad}, warm)
+    return state.replace(alpha=alpha, warmup_alpha=warmup_alpha)
 
 
 def reference_cost(learner: Learner, state: SATACState, batch: TransitionBatch) -> jax.Array:
@@ -437,19 +449,19 @@ def reference_cost(learner: Learner, state: SATACState, batch: TransitionBatch) 
     if config.reference == "threshold":
         return threshold
     if config.reference == "bc_safe":
-        mean, _ = nets.actor.apply(state.reference.actor, batch.observations)
+        mean, _ = nets.actor.apply(state.reference.actor.params, batch.observations)
         reference_actions = distributions.tanh_gaussian_mode(mean)
     else:
         reference_actions = batch.actions
     q = jax.lax.stop_gradient(critics.double_q_max(
-        nets.cost_critic.apply(state.cost_critic, batch.observations, reference_actions)))
+        nets.cost_critic.apply(state.cost_critic.params, batch.observations, reference_actions)))
     return jnp.maximum(q, threshold) if config.threshold_floor else q
 
 
 def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax.Array,
                 multiplier: jax.Array, warm: bool):
     config, nets = learner.config, learner.networks
-    alpha = jnp.exp(state.log_alpha)
+    alpha = entropy_weight(state.alpha.params)
     q_cost_reference = reference_cost(learner, state, batch) if config.use_cost_critic else None
 
     def loss_fn(actor_params):
@@ -461,20 +473,21 @@ def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key
             metrics["log_likelihood"] = jnp.mean(log_likelihood)
             # Cloning as ATAC warm-starts: maximise the data's likelihood with the entropy bonus.
             return actor_loss(log_likelihood, log_probs, alpha), metrics
-        q_reward = nets.reward_critic.apply(state.reward_critic, batch.observations, actions)[0]
+        q_reward = nets.reward_critic.apply(state.reward_critic.params, batch.observations, actions)[0]
         metrics["q_reward_policy"] = jnp.mean(q_reward)
         penalty = None
         if config.use_cost_critic:
             # mode: the deterministic action evaluation runs, compared like for like with the reference's.
             penalty_actions = distributions.tanh_gaussian_mode(mean) if config.penalty_action == "mode" else actions
-            q_cost = critics.double_q_max(nets.cost_critic.apply(state.cost_critic, batch.observations,
+            q_cost = critics.double_q_max(nets.cost_critic.apply(state.cost_critic.params, batch.observations,
                                                                  penalty_actions))
             penalty = critics.aggression_limited_penalty(q_cost, q_cost_reference)
             metrics.update(q_cost_policy=jnp.mean(q_cost), penalty=jnp.mean(penalty))
         return actor_loss(q_reward, log_probs, alpha, penalty, multiplier), metrics
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.actor)
-    return _adam_step(learner, state, "actor", "actor", grads, warm), metrics
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.actor.params)
+    actor, warmup_actor = phase_step(state.actor, state.warmup_actor, grads, warm)
+    return state.replace(actor=actor, warmup_actor=warmup_actor), metrics
 
 
 def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax.Array,
@@ -490,18 +503,18 @@ def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax
     # The critics, and so the actor's objective, see the scaled signals.
     batch = batch.scaled(learner.config.reward_scale, learner.config.cost_scale)
     policy_key, next_key, tail_key = jax.random.split(key, 3)
-    policy_actions, log_probs = _sample_actions(learner, state.actor, batch.observations, policy_key)
-    next_actions, _ = _sample_actions(learner, state.actor, batch.next_observations, next_key)
+    policy_actions, log_probs = _sample_actions(learner, state.actor.params, batch.observations, policy_key)
+    next_actions, _ = _sample_actions(learner, state.actor.params, batch.next_observations, next_key)
     tail_actions = None
     if warm and learner.config.critic_warmup == "returns":
-        tail_actions, _ = _sample_actions(learner, state.actor, batch.returns.tail_observations, tail_key)
+        tail_actions, _ = _sample_actions(learner, state.actor.params, batch.returns.tail_observations, tail_key)
         tail_actions = jax.lax.stop_gradient(tail_actions)
     multiplier = lagrangian.multiplier(state.multiplier_state)
     state, critic_metrics = _critic_step(learner, state, batch, jax.lax.stop_gradient(policy_actions),
                                          jax.lax.stop_gradient(next_actions), multiplier, adversarial=not warm,
                                          tail_actions=tail_actions)
     if not actor_moves:
-        return state, {**critic_metrics, "alpha": jnp.exp(state.log_alpha), "multiplier": multiplier}
+        return state, {**critic_metrics, "alpha": entropy_weight(state.alpha.params), "multiplier": multiplier}
     state = _alpha_step(learner, state, log_probs, warm)
     state, actor_metrics = _actor_step(learner, state, batch, policy_key, multiplier, warm)
     if learner.config.use_cost_critic and not warm:
@@ -511,18 +524,23 @@ def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax
         multiplier_state = learner.multiplier_rule.update(state.multiplier_state, cost_value,
                                                           cost_threshold(learner, state))
         state = state.replace(multiplier_state=multiplier_state)
-    metrics = {**critic_metrics, **actor_metrics, "alpha": jnp.exp(state.log_alpha), "multiplier": multiplier}
+    metrics = {**critic_metrics, **actor_metrics, "alpha": entropy_weight(state.alpha.params),
+               "multiplier": multiplier}
     return state, metrics
 
 
 def _reference_update(learner: Learner):
-    clone = cloning.bc_update(learner.networks.actor, learner.reference_optimizer)
+    clone = cloning.bc_update(learner.networks.actor)
 
     def reference_update(state: SATACState, batch: TransitionBatch, key: jax.Array):
         reference, metrics = clone(state.reference, batch, key)
-        # The actor follows the reference through this phase, so it enters the warm start as BC-Safe.
-        actor = reference.actor if learner.config.actor_from_reference else state.actor
-        return state.replace(reference=reference, actor=actor), {f"reference_{k}": v for k, v in metrics.items()}
+        state = state.replace(reference=reference)
+        if learner.config.actor_from_reference:
+            # The actor follows the reference through this phase, so it enters the warm start as BC-Safe.
+            params = reference.actor.params
+            state = state.replace(actor=state.actor.replace(params=params),
+                                  warmup_actor=state.warmup_actor.replace(params=params))
+        return state, {f"reference_{k}": v for k, v in metrics.items()}
 
     return reference_update
 
@@ -545,7 +563,7 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
     return offline.Algorithm(lambda key, limit: init_state(learner, key, limit), phases,
                              mlp.mode_policy(learner.networks.actor), uses_cost_limit=config.uses_cost_limit,
                              uses_returns=config.critic_warmup == "returns" and config.warmup_updates > 0,
-                             policy_fields=("actor",))
+                             policy_fields=("actor.params",))
 
 
 def run(config: Config, ctx) -> dict[str, Any]:

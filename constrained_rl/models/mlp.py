@@ -123,8 +123,9 @@ def actor_log_likelihood(actor: GaussianActor, params: Params, observations: jax
     return distributions.tanh_gaussian_log_prob(mean, log_std, actions)
 
 
-def mode_policy(actor: GaussianActor, params_of=lambda state: state.actor):
-    """The evaluation policy ``tanh(mean(s))``; ``params_of`` picks the actor out of a learner state."""
+def mode_policy(actor: GaussianActor, params_of=lambda state: state.actor.params):
+    """The evaluation policy ``tanh(mean(s))``; ``params_of`` picks the actor's variables out of a learner
+    state (by default those of its ``actor`` train state)."""
 
     def policy(state: Any, observation: jax.Array, key: jax.Array):
         del key

@@ -73,7 +73,7 @@ def test_bc_safe_clones_the_safe_episodes_of_each_limit(tmp_path):
 
     def mean_log_likelihood(learner):
         return jax.vmap(lambda p: jnp.mean(mlp.actor_log_likelihood(mlp.state_dependent_actor(2, (32,)), p, observations, actions)))(
-            learner.actor)
+            learner.actor.params)
 
     before, after = mean_log_likelihood(initial.learner), mean_log_likelihood(state.learner)
     assert np.all(after[:2] > before[:2] + 3.0), (before, after)  # limit 5: the safe data alone

@@ -82,7 +82,7 @@ def test_training_samples_a_phase_s_share_of_the_safe_episodes(tiny, tmp_path):
         return offline.train(config, ctx, session).learner
 
     def first_kernel(learner):
-        return learner.actor["params"]["MLP_0"]["Dense_0"]["kernel"]
+        return learner.actor.params["params"]["MLP_0"]["Dense_0"]["kernel"]
 
     halved, everything = trained(6.0, 0.5), trained(6.0, 1.0)
     chex.assert_trees_all_equal(halved, trained(1.0, 1.0))
@@ -146,8 +146,8 @@ def test_vmapped_runs_equal_runs_one_by_one(tiny):
         np.testing.assert_allclose(metrics["log_likelihood"][run], alone_metrics["log_likelihood"][0], rtol=1e-5)
     # The limits' runs saw different data, so they differ; a seed's runs started alike.
     chex.assert_trees_all_equal(take(states, 0).learner, take(states, 2).learner)
-    assert not np.allclose(together.learner.actor["params"]["MLP_0"]["Dense_0"]["kernel"][0],
-                           together.learner.actor["params"]["MLP_0"]["Dense_0"]["kernel"][2])
+    assert not np.allclose(together.learner.actor.params["params"]["MLP_0"]["Dense_0"]["kernel"][0],
+                           together.learner.actor.params["params"]["MLP_0"]["Dense_0"]["kernel"][2])
 
 
 def random_ballcircle_file(path) -> str:

@@ -130,7 +130,7 @@ def test_bc_export_rebuilds_the_actor_from_the_json_alone(tmp_path):
     assert record["format"] == 1 and record["config_class"] == "algorithms.control.bc:SafeConfig"
     assert record["experiment"] is None  # no runner, no config.json
     assert (record["task"], record["observation_size"], record["action_size"]) == ("BallCircle", 5, 2)
-    assert record["fields"] == ["actor"] and record["step"] == 20 and record["num_runs"] == 4
+    assert record["fields"] == ["actor.params"] and record["step"] == 20 and record["num_runs"] == 4
     assert [(r["cost_limit"], r["seed_index"]) for r in record["runs"]] == [(10.0, 0), (10.0, 1), (40.0, 0), (40.0, 1)]
     assert record["cost_limits"] == [10.0, 40.0] and set(record["reference_returns"]) == {"reward_min", "reward_max"}
     assert record["config"]["hidden_sizes"] == [8]
@@ -139,7 +139,7 @@ def test_bc_export_rebuilds_the_actor_from_the_json_alone(tmp_path):
     actor = mlp.state_dependent_actor(record["action_size"], tuple(record["config"]["hidden_sizes"]))
     observations = jax.random.normal(jax.random.PRNGKey(0), (7, 5))
     for run in range(record["num_runs"]):
-        mean, _ = actor.apply(take(params["actor"], run), observations)
+        mean, _ = actor.apply(take(params["actor"]["params"], run), observations)
         expected, _ = session.algorithm.policy(take(state.learner, run), observations, jax.random.PRNGKey(1))
         np.testing.assert_array_equal(distributions.tanh_gaussian_mode(mean), expected)
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from flax.training.train_state import TrainState
 
 from algorithms.control import offline
 from constrained_rl import distributions, envs, rollouts
@@ -305,11 +306,14 @@ def sample_segments(data: SequenceData, key: jax.Array, batch_size: int, context
 
 @struct.dataclass
 class CDTState:
-    params: Params
-    optimizer_state: optax.OptState
-    log_temperature: jax.Array
-    temperature_optimizer_state: optax.OptState
+    model: TrainState  # the transformer's variables, with the clipped, warmed-up AdamW
+    temperature: TrainState  # params {"log_temperature": log alpha}, with Adam
     target_reward: jax.Array  # R_0 at evaluation, unscaled
+
+
+def temperature_value(params: dict[str, jax.Array]) -> jax.Array:
+    """The entropy temperature ``alpha = exp(log_temperature)`` of the temperature train state's parameters."""
+    return jnp.exp(params["log_temperature"])
 
 
 def make_model(config: Config, problem: offline.Problem) -> DecisionTransformer:
@@ -356,25 +360,24 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
                        optax.adamw(schedule, weight_decay=config.weight_decay))
 
 
-def make_update(config: Config, model: DecisionTransformer, optimizer: optax.GradientTransformation,
-                temperature_optimizer: optax.GradientTransformation, target_entropy: float):
+def make_update(config: Config, model: DecisionTransformer, target_entropy: float):
+    """One update ``(CDTState, segments, key) -> (CDTState, metrics)`` of the model and the temperature, each
+    with its train state's optimizer."""
+
     def loss_fn(params: Params, state: CDTState, segments: Segments, key: jax.Array):
         reward_tokens, cost_tokens = token_values(config, segments.reward_to_go, segments.cost_to_go)
         output = model.apply(params, segments.observations, segments.actions, reward_tokens, cost_tokens,
                              segments.timesteps, segments.valid, deterministic=False, rngs={"dropout": key})
-        return cdt_loss(output, segments, jnp.exp(state.log_temperature), config.cost_loss_weight)
+        return cdt_loss(output, segments, temperature_value(state.temperature.params), config.cost_loss_weight)
 
     def update(state: CDTState, segments: Segments, key: jax.Array) -> tuple[CDTState, dict]:
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, segments, key)
-        updates, optimizer_state = optimizer.update(grads, state.optimizer_state, state.params)
-        temperature_grad = jax.grad(temperature_loss)(state.log_temperature, metrics["entropy"], target_entropy)
-        temperature_updates, temperature_state = temperature_optimizer.update(
-            temperature_grad, state.temperature_optimizer_state)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.model.params, state, segments, key)
+        temperature_grad = jax.grad(temperature_loss)(state.temperature.params["log_temperature"],
+                                                      metrics["entropy"], target_entropy)
         new_state = state.replace(
-            params=optax.apply_updates(state.params, updates), optimizer_state=optimizer_state,
-            log_temperature=optax.apply_updates(state.log_temperature, temperature_updates),
-            temperature_optimizer_state=temperature_state)
-        return new_state, {**metrics, "loss": loss, "temperature": jnp.exp(state.log_temperature)}
+            model=state.model.apply_gradients(grads=grads),
+            temperature=state.temperature.apply_gradients(grads={"log_temperature": temperature_grad}))
+        return new_state, {**metrics, "loss": loss, "temperature": temperature_value(state.temperature.params)}
 
     return update
 
@@ -417,7 +420,7 @@ def context_policy(config: Config, model: DecisionTransformer) -> rollouts.Histo
     def act(params: tuple[CDTState, jax.Array], context: Context, key: jax.Array) -> tuple[jax.Array, Context]:
         del key  # the mean action
         reward_tokens, cost_tokens = token_values(config, context.reward_to_go, context.cost_to_go)
-        output = model.apply(params[0].params, context.observations, context.actions, reward_tokens, cost_tokens,
+        output = model.apply(params[0].model.params, context.observations, context.actions, reward_tokens, cost_tokens,
                              context.timesteps, context.valid, deterministic=True)
         action = jnp.clip(output.action_mean[:, -1], -1.0, 1.0)
         return action, context._replace(actions=context.actions.at[:, -1].set(action))
@@ -461,11 +464,13 @@ def make_algorithm(config: Config, problem: offline.Problem, data: Trajectories 
         params = model.init(key, jnp.zeros((1, steps, problem.observation_size)),
                             jnp.zeros((1, steps, problem.action_size)), zeros, zeros,
                             jnp.zeros((1, steps), jnp.int32), jnp.ones((1, steps), bool))
-        log_temperature = jnp.asarray(math.log(config.init_temperature), jnp.float32)
-        return CDTState(params, optimizer.init(params), log_temperature, temperature_optimizer.init(log_temperature),
-                        jnp.asarray(target_reward, jnp.float32))
+        log_temperature = {"log_temperature": jnp.asarray(math.log(config.init_temperature), jnp.float32)}
+        return CDTState(model=TrainState.create(apply_fn=model.apply, params=params, tx=optimizer),
+                        temperature=TrainState.create(apply_fn=temperature_value, params=log_temperature,
+                                                      tx=temperature_optimizer),
+                        target_reward=jnp.asarray(target_reward, jnp.float32))
 
-    update = make_update(config, model, optimizer, temperature_optimizer, target_entropy=-float(problem.action_size))
+    update = make_update(config, model, target_entropy=-float(problem.action_size))
     policy = context_policy(config, model)
 
     def evaluate(env: envs.Env, learner: CDTState, cost_limit: jax.Array, key: jax.Array,
@@ -476,7 +481,7 @@ def make_algorithm(config: Config, problem: offline.Problem, data: Trajectories 
         prepare=lambda dataset: prepare(config, data, dataset),
         sample=lambda prepared, key, batch_size: sample_segments(prepared, key, batch_size, steps))
     return offline.Algorithm(init, (offline.Phase("train", update, config.num_updates),), uses_cost_limit=False,
-                             sampler=sampler, evaluate=evaluate, policy_fields=("params", "target_reward"))
+                             sampler=sampler, evaluate=evaluate, policy_fields=("model.params", "target_reward"))
 
 
 def builder(config: Config, dataset: dsrl.OfflineDataset) -> offline.MakeAlgorithm:

@@ -82,7 +82,7 @@ def make_config(args: argparse.Namespace) -> ppo.Config:
         critic_hidden_sizes=hidden, iterations_per_chunk=args.iterations_per_chunk, eval_episodes=0)
 
 
-def train(config: ppo.Config, task: VelocityEnv, log=None) -> tuple[ppo_train.Learner, ppo_train.TrainState]:
+def train(config: ppo.Config, task: VelocityEnv, log=None) -> tuple[ppo_train.Learner, ppo_train.PPOLagState]:
     """Trains one run of plain PPO on ``task``; ``log`` receives one dict per chunk."""
     learner = ppo_train.make_learner(config, env=task)
     num_chunks, per_chunk = ppo_train.completed_iterations(config)
@@ -131,7 +131,7 @@ def calibrate(args: argparse.Namespace, log=None) -> dict:
     learner, state = train(config, task, log)
     jax.block_until_ready(state)
     train_seconds = time.time() - start
-    speeds, lengths = evaluate_speed(task, learner.eval_policy, state.params.actor,
+    speeds, lengths = evaluate_speed(task, learner.eval_policy, state.actor.params,
                             jax.random.PRNGKey(args.seed + 1), args.eval_episodes)
     top_speed = float(jnp.mean(speeds))
     return {

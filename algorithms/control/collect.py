@@ -156,13 +156,13 @@ def run(config: Config, ctx) -> dict[str, Any]:
     snapshot_dir = ctx.run_dir / SNAPSHOT_DIR
     snapshot_dir.mkdir(parents=True, exist_ok=True)
 
-    def chunk_fn(state: ppo_lag.TrainState):
+    def chunk_fn(state: ppo_lag.PPOLagState):
         iteration = int(jax.device_get(state.iteration[0]))
         state = state.replace(cost_limit=limits_at(starts, ends, iteration / total_iterations))
         state, metrics = chunk(state)
         keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration),
                                 config.num_policies)
-        arrays = jax.device_get(snapshot(state.params.actor, keys))
+        arrays = jax.device_get(snapshot(state.actor.params, keys))
         # Named by the chunk's first iteration: a resumed run rewrites exactly the files it recomputes.
         np.savez(snapshot_dir / f"iteration_{iteration:07d}.npz", **flatten_snapshot(arrays))
         return state, ppo_lag.chunk_summary(metrics)

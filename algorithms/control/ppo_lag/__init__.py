@@ -10,7 +10,7 @@ Modules, as Brax's PPO agent keeps them apart:
 from algorithms.control.ppo_lag.train import (
     Config,
     Learner,
-    TrainState,
+    PPOLagState,
     init_runs,
     init_state,
     make_chunk,
@@ -19,5 +19,5 @@ from algorithms.control.ppo_lag.train import (
     train_iteration,
 )
 
-__all__ = ["Config", "Learner", "TrainState", "init_runs", "init_state", "make_chunk", "make_learner",
+__all__ = ["Config", "Learner", "PPOLagState", "init_runs", "init_state", "make_chunk", "make_learner",
            "run", "train_iteration"]

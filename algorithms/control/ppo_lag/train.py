@@ -10,7 +10,7 @@ One iteration (Ray, Achiam & Amodei 2019, with PPO's update of Schulman et al. 2
 4. ``num_epochs`` passes over the rollout in ``num_minibatches`` shuffled minibatches, each an Adam
    step (after global-norm gradient clipping) on the PPO-Lagrangian loss of ``losses.py``.
 
-Everything is pure: :func:`train_iteration` maps a :class:`TrainState` to the next one, a chunk of
+Everything is pure: :func:`train_iteration` maps a :class:`PPOLagState` to the next one, a chunk of
 iterations is one ``lax.scan`` (PureJaxRL / Brax style), and seeds are a leading ``vmap`` axis of the
 state. The cost limit lives in the state, one scalar per run, so a vmapped batch of runs can hold
 different limits (the dataset-collection sweep) and a host schedule can move it between chunks.
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from flax.training.train_state import TrainState
 
 from algorithms.control import policy_export
 from algorithms.control.ppo_lag import losses, networks as ppo_networks
@@ -108,11 +109,13 @@ class Config:
 
 
 @struct.dataclass
-class TrainState:
-    """Everything one run carries between iterations (add a leading axis for several runs)."""
+class PPOLagState:
+    """Everything one run carries between iterations (add a leading axis for several runs): a train state
+    per network, each with the learner's optimizer."""
 
-    params: ppo_networks.PPOLagParams
-    optimizer_state: optax.OptState
+    actor: TrainState
+    reward_critic: TrainState
+    cost_critic: TrainState
     multiplier_state: Any
     env_state: envs.EnvState
     cost_limit: jax.Array  # float32 scalar, the limit d this run is held to
@@ -121,32 +124,21 @@ class TrainState:
     env_steps: jax.Array  # float32 (exact below 2^24 per iteration count; counts of steps)
 
 
+def network_params(state: PPOLagState) -> ppo_networks.PPOLagParams:
+    """The three networks' parameters, as the losses take them."""
+    return ppo_networks.PPOLagParams(state.actor.params, state.reward_critic.params, state.cost_critic.params)
+
+
 class Learner(NamedTuple):
     """The static parts of a run: config, environment, networks, optimizer and multiplier rule."""
 
     config: Config
     env: envs.Env  # batched (num_envs), auto-resetting
     networks: ppo_networks.PPOLagNetworks
-    optimizer: optax.GradientTransformation
+    optimizer: optax.GradientTransformation  # each network's
     multiplier_rule: lagrangian.MultiplierRule
     policy: Callable  # stochastic behaviour policy (actor_params, obs, key) -> (action, extras)
     eval_policy: Callable  # deterministic policy (tanh of the mean)
-
-
-def clip_each_network(max_norm: float) -> optax.GradientTransformation:
-    """Global-norm gradient clipping applied to the actor and to each critic separately.
-
-    A single clip over all three networks (Brax's choice) would let a large cost-critic error shrink
-    the actor's step; clipping each network alone keeps plain PPO's actor exactly independent of the
-    cost critic.
-    """
-    clip = optax.clip_by_global_norm(max_norm)
-
-    def update(updates, state, params=None):
-        clipped = type(updates)(*(clip.update(part, clip.init(part))[0] for part in updates))
-        return clipped, state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_learner(config: Config, env: envs.Env | None = None) -> Learner:
@@ -157,19 +149,23 @@ def make_learner(config: Config, env: envs.Env | None = None) -> Learner:
         batched = envs.wrap(env, batch_size=config.num_envs)
     nets = ppo_networks.make_networks(batched.action_size, config.actor_hidden_sizes,
                                       config.critic_hidden_sizes, config.activation, config.init_log_std)
-    optimizer = optax.chain(clip_each_network(config.max_grad_norm), optax.adam(config.learning_rate))
+    # Each network's train state clips its own gradient's global norm before Adam. A single clip over all
+    # three networks (Brax's choice) would let a large cost-critic error shrink the actor's step; clipping
+    # each network alone keeps plain PPO's actor exactly independent of the cost critic.
+    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
     return Learner(config, batched, nets, optimizer, lagrangian.make_rule(config.multiplier),
                    ppo_networks.make_policy(nets), ppo_networks.make_policy(nets, deterministic=True))
 
 
-def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array | float | None = None) -> TrainState:
+def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array | float | None = None) -> PPOLagState:
     """A fresh run; ``cost_limit`` defaults to the config's."""
     params_key, env_key, run_key = jax.random.split(key, 3)
     params = ppo_networks.init_params(learner.networks, params_key, learner.env.observation_size)
     limit = learner.config.cost_limit if cost_limit is None else cost_limit
-    return TrainState(
-        params=params,
-        optimizer_state=learner.optimizer.init(params),
+    trained = {name: TrainState.create(apply_fn=getattr(learner.networks, name).apply, params=getattr(params, name),
+                                       tx=learner.optimizer) for name in ppo_networks.PPOLagParams._fields}
+    return PPOLagState(
+        **trained,
         multiplier_state=learner.multiplier_rule.init(),
         env_state=learner.env.reset(env_key),
         cost_limit=jnp.asarray(limit, jnp.float32),
@@ -234,19 +230,20 @@ def completed_episode_stats(before: envs.EnvState, after: envs.EnvState) -> dict
     return {**stats, "episodes": count}
 
 
-def _minibatch_updates(learner: Learner, params, optimizer_state, batch: losses.UpdateBatch, key):
-    """``num_epochs`` shuffled passes of ``num_minibatches`` Adam steps over a flat batch."""
+def _minibatch_updates(learner: Learner, state: PPOLagState, batch: losses.UpdateBatch, key):
+    """``num_epochs`` shuffled passes of ``num_minibatches`` Adam steps over a flat batch; returns the
+    state with the stepped networks, and the mean loss metrics."""
     config = learner.config
     hp = losses.LossHyperparameters(config.clip_epsilon, config.value_clip, config.value_coef,
                                     config.entropy_coef)
     grad_fn = jax.grad(losses.ppo_lag_loss, has_aux=True)
 
-    def minibatch_step(carry, minibatch_and_key):
-        params, optimizer_state = carry
+    def minibatch_step(state: PPOLagState, minibatch_and_key):
         minibatch, step_key = minibatch_and_key
-        grads, metrics = grad_fn(params, learner.networks, minibatch, step_key, hp)
-        updates, optimizer_state = learner.optimizer.update(grads, optimizer_state, params)
-        return (optax.apply_updates(params, updates), optimizer_state), metrics
+        grads, metrics = grad_fn(network_params(state), learner.networks, minibatch, step_key, hp)
+        return state.replace(actor=state.actor.apply_gradients(grads=grads.actor),
+                             reward_critic=state.reward_critic.apply_gradients(grads=grads.reward_critic),
+                             cost_critic=state.cost_critic.apply_gradients(grads=grads.cost_critic)), metrics
 
     def epoch(carry, epoch_key):
         permutation_key, loss_key = jax.random.split(epoch_key)
@@ -257,18 +254,17 @@ def _minibatch_updates(learner: Learner, params, optimizer_state, batch: losses.
         step_keys = jax.random.split(loss_key, config.num_minibatches)
         return jax.lax.scan(minibatch_step, carry, (minibatches, step_keys))
 
-    (params, optimizer_state), metrics = jax.lax.scan(
-        epoch, (params, optimizer_state), jax.random.split(key, config.num_epochs))
-    return params, optimizer_state, jax.tree_util.tree_map(jnp.mean, metrics)
+    state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, config.num_epochs))
+    return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
-def train_iteration(learner: Learner, state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_iteration(learner: Learner, state: PPOLagState) -> tuple[PPOLagState, dict[str, jax.Array]]:
     """One rollout, one multiplier update and one PPO update of a single run (unbatched over seeds)."""
     config = learner.config
     rollout_key, update_key, next_key = jax.random.split(state.key, 3)
-    env_state, transitions = rollouts.rollout(learner.env, learner.policy, state.params.actor, rollout_key,
+    env_state, transitions = rollouts.rollout(learner.env, learner.policy, state.actor.params, rollout_key,
                                               state.env_state, config.unroll_length)
-    targets = compute_targets(learner, state.params, transitions)
+    targets = compute_targets(learner, network_params(state), transitions)
 
     episodes = completed_episode_stats(state.env_state, env_state)
     updated = learner.multiplier_rule.update(state.multiplier_state, episodes["cost"], state.cost_limit)
@@ -283,12 +279,10 @@ def train_iteration(learner: Learner, state: TrainState) -> tuple[TrainState, di
         log_prob=flat(extras["log_prob"]), advantage=flat(advantage),
         reward_value=flat(targets.reward_value), cost_value=flat(targets.cost_value),
         reward_target=flat(targets.reward_target), cost_target=flat(targets.cost_target))
-    params, optimizer_state, loss_metrics = _minibatch_updates(
-        learner, state.params, state.optimizer_state, batch, update_key)
+    state, loss_metrics = _minibatch_updates(learner, state, batch, update_key)
 
     env_steps = state.env_steps + config.steps_per_iteration
-    new_state = state.replace(params=params, optimizer_state=optimizer_state,
-                              multiplier_state=multiplier_state, env_state=env_state, key=next_key,
+    new_state = state.replace(multiplier_state=multiplier_state, env_state=env_state, key=next_key,
                               iteration=state.iteration + 1, env_steps=env_steps)
     metrics = {
         "env_steps": env_steps,
@@ -304,16 +298,16 @@ def train_iteration(learner: Learner, state: TrainState) -> tuple[TrainState, di
     return new_state, metrics
 
 
-def make_chunk(learner: Learner, num_iterations: int) -> Callable[[TrainState], tuple[TrainState, dict]]:
+def make_chunk(learner: Learner, num_iterations: int) -> Callable[[PPOLagState], tuple[PPOLagState, dict]]:
     """``num_iterations`` iterations of every run in a seed-batched state, as one jitted call.
 
     Returns metrics with shape ``[num_seeds, num_iterations]``.
     """
 
-    def one_run(state: TrainState):
+    def one_run(state: PPOLagState):
         return jax.lax.scan(lambda s, _: train_iteration(learner, s), state, None, length=num_iterations)
 
-    def all_runs(state: TrainState):
+    def all_runs(state: PPOLagState):
         if jax.tree.leaves(state)[0].shape[0] == 1:
             # A vmap, even of one run, turns the environments' batched auto-reset (a lax.cond that
             # skips the reset work on steps where no episode ends) into a select that pays it always.
@@ -324,7 +318,7 @@ def make_chunk(learner: Learner, num_iterations: int) -> Callable[[TrainState], 
     return jax.jit(all_runs)
 
 
-def init_runs(learner: Learner, cost_limits: jax.Array | None = None) -> TrainState:
+def init_runs(learner: Learner, cost_limits: jax.Array | None = None) -> PPOLagState:
     """The seed-batched initial state of ``config.num_seeds`` runs (optionally one cost limit each)."""
     keys = seed_keys(learner.config)
     if cost_limits is None:
@@ -378,7 +372,7 @@ def completed_iterations(config: Config) -> tuple[int, int]:
     return max(1, config.num_iterations // per_chunk), per_chunk
 
 
-def train_runs(learner: Learner, ctx, stage: str, cost_limits: jax.Array | None = None) -> TrainState:
+def train_runs(learner: Learner, ctx, stage: str, cost_limits: jax.Array | None = None) -> PPOLagState:
     """Trains ``num_seeds`` runs through ``ctx.loop``; logged steps are environment steps per run."""
     config = learner.config
     num_chunks, per_chunk = completed_iterations(config)
@@ -393,7 +387,7 @@ def train_runs(learner: Learner, ctx, stage: str, cost_limits: jax.Array | None 
                     progress_keys=("episode_reward", "episode_cost", "multiplier"))
 
 
-def evaluate_runs(learner: Learner, state: TrainState, num_episodes: int, key: jax.Array) -> dict[str, Any]:
+def evaluate_runs(learner: Learner, state: PPOLagState, num_episodes: int, key: jax.Array) -> dict[str, Any]:
     """Mean episodic reward and cost of each run's deterministic policy: ``[runs]`` arrays."""
     eval_env = envs.wrap(learner.env.unwrapped, episode_length=learner.env.episode_length, auto_reset=False)
 
@@ -402,12 +396,12 @@ def evaluate_runs(learner: Learner, state: TrainState, num_episodes: int, key: j
         return jnp.mean(stats.reward_return), jnp.mean(stats.cost_return)
 
     keys = jax.random.split(key, state.cost_limit.shape[0])
-    reward, cost = jax.jit(jax.vmap(one_run))(state.params.actor, keys)
+    reward, cost = jax.jit(jax.vmap(one_run))(state.actor.params, keys)
     return {"reward": reward, "cost": cost}
 
 
 # What the deterministic evaluation policy (tanh of the actor's mean) reads of a train state.
-POLICY_FIELDS = ("params.actor",)
+POLICY_FIELDS = ("actor.params",)
 
 
 def final_evaluation_key(seed: int) -> jax.Array:
@@ -415,7 +409,7 @@ def final_evaluation_key(seed: int) -> jax.Array:
     return jax.random.PRNGKey(seed + 1)
 
 
-def export_policy(config: Config, ctx, learner: Learner, state: TrainState):
+def export_policy(config: Config, ctx, learner: Learner, state: PPOLagState):
     """Writes every run's final actor to ``policy/`` of the run directory
     (:mod:`algorithms.control.policy_export`), with the config, sizes and each run's cost limit."""
     content = policy_export.record(

@@ -197,11 +197,11 @@ def test_ppo_lag_exports_its_actor(tmp_path):
                               iterations_per_chunk=2, num_seeds=2, eval_episodes=1)
     ppo_train.run(config, RunContext(tmp_path, progress=False))
     record = policy_export.read(tmp_path)
-    assert record["fields"] == ["params.actor"] and record["step"] == 2
+    assert record["fields"] == ["actor.params"] and record["step"] == 2
     assert [(r["cost_limit"], r["seed_index"]) for r in record["runs"]] == [(20.0, 0), (20.0, 1)]
     learner = ppo_train.make_learner(config)
     final = checkpoint.restore(tmp_path / "checkpoints" / "train", ppo_train.init_runs(learner))
-    params = policy_export.load_params(tmp_path)["params"]["actor"]
+    params = policy_export.load_params(tmp_path)["actor"]["params"]
     nets = ppo_networks.make_networks(record["action_size"], tuple(record["config"]["actor_hidden_sizes"]),
                                       tuple(record["config"]["critic_hidden_sizes"]), record["config"]["activation"],
                                       record["config"]["init_log_std"])
@@ -209,5 +209,5 @@ def test_ppo_lag_exports_its_actor(tmp_path):
     observations = jax.random.normal(jax.random.PRNGKey(0), (5, record["observation_size"]))
     for run in range(2):
         actions, _ = policy(take(params, run), observations, jax.random.PRNGKey(1))
-        expected, _ = learner.eval_policy(take(final.params.actor, run), observations, jax.random.PRNGKey(1))
+        expected, _ = learner.eval_policy(take(final.actor.params, run), observations, jax.random.PRNGKey(1))
         np.testing.assert_array_equal(actions, expected)

@@ -129,7 +129,7 @@ def test_entropy_bonus_enters_with_its_sign(tiny_networks):
 def test_truncated_step_bootstraps_and_terminal_does_not(tiny_networks):
     config = tiny_config()
     learner = ppo_lag.make_learner(config, env=LinearCostBandit())
-    params = ppo_lag.init_state(learner, jax.random.PRNGKey(0)).params
+    params = ppo_lag.network_params(ppo_lag.init_state(learner, jax.random.PRNGKey(0)))
     obs = jnp.array([[[1.0]], [[0.5]]])  # [T=2, N=1, 1]
     next_obs = jnp.array([[[3.0]], [[2.0]]])
     transitions = Transition(obs=obs, action=jnp.zeros((2, 1, 1)), reward=jnp.array([[1.0], [2.0]]),
@@ -210,10 +210,11 @@ def test_vmapped_seeds_equal_seeds_run_one_by_one(two_runs):
                                              length=CHUNK))
     for i, key in enumerate(ppo_lag.seed_keys(learner.config)):
         alone = ppo_lag.init_state(learner, key, initial.cost_limit[i])
-        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], initial).params, alone.params)
+        chex.assert_trees_all_close(ppo_lag.network_params(jax.tree_util.tree_map(lambda x: x[i], initial)),
+                                    ppo_lag.network_params(alone))
         state, metrics = one_run(alone)
         run_i = jax.tree_util.tree_map(lambda x: x[i], batched_state)
-        chex.assert_trees_all_close(run_i.params, state.params, atol=1e-5, rtol=1e-4)
+        chex.assert_trees_all_close(ppo_lag.network_params(run_i), ppo_lag.network_params(state), atol=1e-5, rtol=1e-4)
         chex.assert_trees_all_close(run_i.multiplier_state, state.multiplier_state, atol=1e-5, rtol=1e-4)
         np.testing.assert_allclose(batched_metrics["episode_cost"][i, :CHUNK], metrics["episode_cost"], rtol=1e-4)
     # Different seeds really are different runs.

@@ -34,6 +34,8 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
+from flax.training.train_state import TrainState
 
 from constrained_rl import lagrangian, penalties
 from constrained_rl.config import Experiment, require
@@ -91,11 +93,20 @@ class Bandit(NamedTuple):
     hard: jax.Array  # [G] bool: no safe answering action
 
 
-class BanditState(NamedTuple):
-    logits: jax.Array  # [G, A] policy parameters
-    optimizer_state: optax.OptState
+@struct.dataclass
+class BanditState:
+    policy: TrainState  # params {"logits": [G, A]}, the softmax policy's, with plain SGD
     multiplier_state: Any  # a constrained_rl.lagrangian rule state
     key: jax.Array  # PRNG key for sampled gradients
+
+    @property
+    def logits(self) -> jax.Array:
+        return self.policy.params["logits"]
+
+
+def action_probabilities(policy_params: dict[str, jax.Array]) -> jax.Array:
+    """The softmax policy ``pi(a | g)`` ``[G, A]`` of the policy train state's parameters."""
+    return jax.nn.softmax(policy_params["logits"], axis=-1)
 
 
 def make_bandit(config: Config) -> Bandit:
@@ -195,18 +206,18 @@ def sampled_loss(
 def make_learner(config: Config, learner: Learner):
     """``(init_state, chunk)`` for one learner: a fresh state, and a jitted scan of update steps."""
     bandit = make_bandit(config)
-    # Plain SGD: the step grows with lambda, so a violating context is pushed back decisively.
-    # (Adam would normalise the step to ~learning_rate whatever lambda is, and contexts would
-    # chatter across their limit.)
+    # Plain SGD (logits -= learning_rate * gradient): the step grows with lambda, so a violating
+    # context is pushed back decisively. (Adam would normalise the step to ~learning_rate whatever
+    # lambda is, and contexts would chatter across their limit.)
     optimizer = optax.sgd(config.learning_rate)
     rule = lagrangian.make_rule(config.multiplier)
     limit = multiplier_limit(learner, config.cost_limit)
 
     def init_state() -> BanditState:
         logits = jnp.zeros((config.num_contexts, config.num_actions), jnp.float32)
+        policy = TrainState.create(apply_fn=action_probabilities, params={"logits": logits}, tx=optimizer)
         return BanditState(
-            logits=logits,
-            optimizer_state=optimizer.init(logits),
+            policy=policy.replace(step=jnp.zeros((), jnp.int32)),
             multiplier_state=rule.init(),
             key=jax.random.fold_in(jax.random.PRNGKey(config.seed), LEARNERS.index(learner) + 1),
         )
@@ -224,13 +235,11 @@ def make_learner(config: Config, learner: Learner):
         # The losses average over contexts; scaling by G gives every context's logits the step
         # size learning_rate whatever the number of contexts.
         gradient = gradient * config.num_contexts
-        updates, optimizer_state = optimizer.update(gradient, state.optimizer_state)
         multiplier_state = rule.update(
             state.multiplier_state, constraint_value(learner, observed_costs, config.cost_limit), limit
         )
         new_state = BanditState(
-            logits=optax.apply_updates(state.logits, updates),
-            optimizer_state=optimizer_state,
+            policy=state.policy.apply_gradients(grads={"logits": gradient}),
             multiplier_state=multiplier_state,
             key=key,
         )

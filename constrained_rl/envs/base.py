@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from constrained_rl.envs.layout import Layout, unnamed_layout
+
 
 @struct.dataclass
 class EnvState:
@@ -98,6 +100,14 @@ class Env(abc.ABC):
         return None
 
     @property
+    def layout(self) -> Layout:
+        """What each observation and action dimension means (:mod:`constrained_rl.envs.layout`).
+
+        The default names no dimension; a task overrides it (a JAX twin declares the real task's).
+        """
+        return unnamed_layout(type(self).__name__, self.observation_size, self.action_size)
+
+    @property
     def unwrapped(self) -> Env:
         return self
 
@@ -129,6 +139,10 @@ class Wrapper(Env):
     @property
     def batch_size(self) -> int | None:
         return self.env.batch_size
+
+    @property
+    def layout(self) -> Layout:
+        return self.env.layout
 
     @property
     def unwrapped(self) -> Env:

@@ -30,6 +30,7 @@ from flax import struct
 
 from constrained_rl.config import require
 from constrained_rl.envs.base import Env, EnvState, initial_state
+from constrained_rl.envs.layout import Layout, project_navigation_layout
 
 RUN_TARGET_X = 1000.0  # Bullet-Safety-Gym's fictitious target of the Run task
 RUN_POTENTIAL_SCALE = 60.0
@@ -169,6 +170,10 @@ class NavigationEnv(Env):
     @property
     def episode_length(self) -> int:
         return self.config.episode_length
+
+    @property
+    def layout(self) -> Layout:
+        return project_navigation_layout(self.config.agent, self.config.task)
 
     def observe(self, physics: Physics) -> jax.Array:
         parts = [POSITION_SCALE * physics.position, VELOCITY_SCALE * physics.velocity]

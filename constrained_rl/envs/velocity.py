@@ -27,6 +27,7 @@ from brax import envs as brax_envs
 from constrained_rl.config import require
 from constrained_rl.envs import brax_compat
 from constrained_rl.envs.base import Env, EnvState, initial_state
+from constrained_rl.envs.layout import Layout, unnamed_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,11 @@ class VelocityEnv(Env):
     @property
     def episode_length(self) -> int:
         return self._episode_length
+
+    @property
+    def layout(self) -> Layout:
+        """Brax's own observation (unnamed dimensions), for the project's velocity task of this robot."""
+        return unnamed_layout(f"brax {self.task.brax_name} velocity task", self.observation_size, self.action_size)
 
     def reset(self, key: jax.Array) -> EnvState:
         brax_state = self.brax_env.reset(key)

@@ -1,5 +1,7 @@
-"""SATAC, Safe Adversarially Trained Actor-Critic (Wei, Peng, Ghosh, Liu 2024, arXiv 2401.00629), and
-ATAC (Cheng, Xie, Jiang, Agarwal 2022), the same learner with its cost critic switched off.
+"""SATAC, Safe Adversarially Trained Actor-Critic (Wei, Peng, Ghosh, Liu 2024, arXiv 2401.00629),
+published as WSAC ("Adversarially Trained Weighted Actor-Critic for Safe Offline Reinforcement
+Learning", NeurIPS 2024; the ``wsac`` experiment is the same learner as ``satac``), and ATAC (Cheng,
+Xie, Jiang, Agarwal 2022), the same learner with its cost critic switched off.
 
 A Stackelberg game per update, the critics (followers) first, then the actor (leader):
 
@@ -23,18 +25,17 @@ A Stackelberg game per update, the critics (followers) first, then the actor (le
   action or, with ``penalty_action = mode``, at the deterministic ``tanh(mean)``), the
   aggression-limited objective: the actor pays only where it looks costlier than the reference
   ``a_ref``: the dataset action (``behaviour``), a BC-Safe policy trained first on the episodes within
-  the run's cost limit, or within ``safe_fraction`` of it, optionally only the ``top_reward_fraction``
-  of those with the highest reward returns (``bc_safe``), or the absolute per-step threshold
-  ``kappa (1 - gamma^T) / ((1 - gamma) T)`` in place of ``f_c(s, a_ref)`` (``threshold``); with
-  ``threshold_floor`` the reference value is ``max(f_c(s, a_ref), threshold)``, so a reference
-  cheaper than the limit leaves the actor the limit's slack;
-* ``alpha`` auto-tuned toward the target entropy ``-|A|`` (loss ``log_alpha * (H - target)``);
+  the run's cost limit, or within ``safe_fraction`` of it (``bc_safe``), or the absolute per-step
+  threshold ``kappa (1 - gamma^T) / ((1 - gamma) T)`` in place of ``f_c(s, a_ref)`` (``threshold``);
+* ``alpha`` auto-tuned toward the target entropy ``-|A|`` (loss ``log_alpha * (H - target)``) by Adam
+  at the critics' rate (ATAC's ``alpha_lr = qf_lr``), restarted at ``log(init_alpha)`` with a fresh
+  Adam when the adversarial phase begins (ATAC resets log alpha and its optimizer there);
 * ``lambda`` fixed (the paper's) or moved by a :mod:`constrained_rl.lagrangian` rule on the policy's
   estimated cost value ``mean_b max_e f_c(s_b, pi(s_b))`` against the per-step threshold.
 
 Warm start (ATAC's behaviour pretraining): the actor clones the data
-(``normalized_sum(-log pi(a|s), -entropy, alpha)``) and both critics minimise their Bellman errors only,
-everything at the fast (critic) learning rate. An optional hold (``actor_hold_updates``) then trains the
+(``normalized_sum(-log pi(a|s), -entropy, alpha)``, alpha tuned from ``init_alpha`` by its own Adam)
+and both critics minimise their Bellman errors only, everything at the fast (critic) learning rate. An optional hold (``actor_hold_updates``) then trains the
 critics adversarially against the warm-started actor before it moves. All losses come from
 :mod:`constrained_rl.critics`; every default and choice is listed with its source in
 docs/algorithms/satac.md.
@@ -79,7 +80,6 @@ class Config(offline.OfflineConfig):
     reference: Reference = "bc_safe"  # a_ref of the actor penalty: behaviour, bc_safe or threshold
     multiplier: lagrangian.MultiplierConfig = dataclasses.field(default_factory=lambda: MULTIPLIER)  # lambda's rule
     penalty_action: PenaltyAction = "sample"  # the actor's action in the penalty: a sample of pi, or its mode
-    threshold_floor: bool = False  # the actor pays only above max(f_c(s, a_ref), per-step threshold)
     cost_target: CostTarget = "max"  # twin reduction in the cost critic's Bellman target: max or mean
     beta: float = 4.0  # Bellman weight of both critics (ATAC: 1 to 16)
     cost_beta: float | None = None  # Bellman weight of the cost critic alone; none: beta
@@ -88,15 +88,13 @@ class Config(offline.OfflineConfig):
     hidden_sizes: tuple[int, ...] = (256, 256, 256)  # actor and critic MLP widths (ATAC: 3 x 256)
     actor_learning_rate: float = 5e-7  # Adam, actor: the slow timescale (ATAC)
     critic_learning_rate: float = 5e-4  # Adam, both critics: the fast timescale (ATAC)
-    alpha_learning_rate: float = 5e-7  # Adam on log alpha (ATAC uses the actor's rate)
-    init_alpha: float = 1.0  # entropy weight before tuning (ATAC: log alpha starts at 0)
+    init_alpha: float = 1.0  # entropy weight at the start of the warm start and again of the adversarial phase (ATAC: log alpha 0)
     tau: float = 5e-3  # Polyak rate of the target critics (ATAC)
     td_weight: float = 0.5  # share of the TD error in the Bellman error; the rest is residual (ATAC)
     critic_norm: float = 100.0  # L2-ball radius of each critic weight matrix (ATAC)
     warmup_updates: int = 100_000  # warm start: BC actor and Bellman-only critics (ATAC: 100k)
     warmup_data: WarmupData = "all"  # warm start on all data (ATAC) or on the episodes within kappa (BC-Safe's)
     safe_fraction: float = 1.0  # the reference and a safe warm start clone the episodes with C <= this x kappa
-    top_reward_fraction: float = 1.0  # of those episodes, clone only this share with the highest reward returns
     critic_warmup: CriticWarmup = "bellman"  # warm-start critics on Bellman errors (ATAC) or Monte-Carlo returns
     actor_from_reference: bool = False  # bc_safe only: the actor enters the warm start as the BC-Safe reference
     reference_updates: int = 100_000  # BC-Safe reference updates before the warm start (bc_safe only)
@@ -116,7 +114,7 @@ class Config(offline.OfflineConfig):
                 f"must be sample or mode (got {self.penalty_action!r})")
         require(self.cost_target in ("max", "mean"), "cost_target",
                 f"must be max or mean (got {self.cost_target!r})")
-        for name in ("actor_learning_rate", "critic_learning_rate", "alpha_learning_rate", "init_alpha",
+        for name in ("actor_learning_rate", "critic_learning_rate", "init_alpha",
                      "critic_norm", "reference_learning_rate",
                      "reward_scale", "cost_scale"):
             value = getattr(self, name)
@@ -124,14 +122,10 @@ class Config(offline.OfflineConfig):
         require(self.beta >= 0, "beta", f"must be >= 0 (got {self.beta})")
         require(self.cost_beta is None or self.cost_beta >= 0, "cost_beta", f"must be >= 0 (got {self.cost_beta})")
         require(0 < self.tau <= 1, "tau", f"must be in (0, 1] (got {self.tau})")
-        for name in ("safe_fraction", "top_reward_fraction"):
-            value = getattr(self, name)
-            require(0 < value <= 1, name, f"must be in (0, 1] (got {value})")
+        require(0 < self.safe_fraction <= 1, "safe_fraction", f"must be in (0, 1] (got {self.safe_fraction})")
         require(0 <= self.td_weight <= 1, "td_weight", f"must be in [0, 1] (got {self.td_weight})")
         require(len(self.hidden_sizes) >= 1 and all(w >= 1 for w in self.hidden_sizes), "hidden_sizes",
                 f"must be one or more positive widths (got {self.hidden_sizes})")
-        require(not self.threshold_floor or (self.use_cost_critic and self.reference != "threshold"),
-                "threshold_floor", "needs a reference action (reference = behaviour or bc_safe) and the cost critic")
         require(not self.actor_from_reference or self.trains_reference, "actor_from_reference",
                 "needs the BC-Safe reference (reference = bc_safe, with the cost critic on)")
         offline.require_whole_chunks(self, "warmup_updates")
@@ -151,7 +145,7 @@ class Config(offline.OfflineConfig):
         """Whether training depends on kappa: through the reference, the threshold, the rule or the
         warm start's data."""
         return self.warmup_data == "safe" or self.use_cost_critic and (
-            self.reference != "behaviour" or self.multiplier.kind != "fixed" or self.threshold_floor)
+            self.reference != "behaviour" or self.multiplier.kind != "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +234,12 @@ class Networks(NamedTuple):
 class SATACState:
     """One run's learner state: a train state per trained network and optimizer.
 
-    The actor and alpha have two optimizers, the warm start's fast Adam and the adversarial phase's slow
-    one, which starts from fresh moments: each is two train states over the same parameters
-    (:func:`phase_step` steps one and gives the other the new parameters), so the state's tree is the
-    same in every phase.
+    The actor has two optimizers, the warm start's fast Adam and the adversarial phase's slow one, which
+    starts from fresh moments: two train states over the same parameters (:func:`phase_step` steps one
+    and gives the other the new parameters), so the state's tree is the same in every phase. Alpha has
+    two train states with parameters of their own: the warm start tunes ``warmup_alpha``; ``alpha``
+    waits at ``log(init_alpha)`` with untouched Adam moments until the adversarial phase, as ATAC
+    restarts log alpha and its optimizer when its objective changes.
     """
 
     actor: TrainState  # the actor's variables, with the slow Adam of the adversarial phase
@@ -252,8 +248,8 @@ class SATACState:
     reward_target: Params
     cost_critic: TrainState  # trained only by SATAC (ATAC keeps its initial value)
     cost_target: Params
-    alpha: TrainState  # params {"log_alpha": log alpha}, with the slow Adam of the adversarial phase
-    warmup_alpha: TrainState  # the same, with the fast Adam of the warm start
+    alpha: TrainState  # params {"log_alpha": log alpha} of the adversarial phase, Adam at the critics' rate
+    warmup_alpha: TrainState  # log alpha of the warm start, with an Adam of its own at the same rate
     multiplier_state: Any
     reference: cloning.BCState  # the BC-Safe reference policy (trained only when reference = bc_safe)
     cost_limit: jax.Array  # kappa of this run
@@ -272,8 +268,8 @@ class Learner(NamedTuple):
     networks: Networks
     actor_optimizer: optax.GradientTransformation
     critic_optimizer: optax.GradientTransformation  # each critic's
-    alpha_optimizer: optax.GradientTransformation
-    warmup_optimizer: optax.GradientTransformation  # actor and alpha in the warm start (fast timescale)
+    alpha_optimizer: optax.GradientTransformation  # log alpha, both phases (the critics' rate)
+    warmup_optimizer: optax.GradientTransformation  # the actor in the warm start (fast timescale)
     reference_optimizer: optax.GradientTransformation
     multiplier_rule: lagrangian.MultiplierRule
 
@@ -290,10 +286,10 @@ def make_learner(config: Config, problem: offline.Problem) -> Learner:
     )
     # The warm start clones at the critics' (fast) rate, as ATAC's behaviour pretraining does: at
     # the actor's slow rate a 100k-update warm start would leave the actor at its initialisation.
-    return Learner(config, problem, networks, optax.adam(config.actor_learning_rate),
-                   optax.adam(config.critic_learning_rate), optax.adam(config.alpha_learning_rate),
-                   optax.adam(config.critic_learning_rate), optax.adam(config.reference_learning_rate),
-                   lagrangian.make_rule(config.multiplier))
+    # Alpha, the innermost variable, moves at the critics' rate in both phases (ATAC: alpha_lr = qf_lr).
+    fast = optax.adam(config.critic_learning_rate)
+    return Learner(config, problem, networks, optax.adam(config.actor_learning_rate), fast, fast, fast,
+                   optax.adam(config.reference_learning_rate), lagrangian.make_rule(config.multiplier))
 
 
 def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array) -> SATACState:
@@ -317,7 +313,7 @@ def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array) -> SATAC
         cost_critic=trained(nets.cost_critic.apply, cost_critic, learner.critic_optimizer),
         cost_target=cost_critic,
         alpha=trained(entropy_weight, alpha, learner.alpha_optimizer),
-        warmup_alpha=trained(entropy_weight, alpha, learner.warmup_optimizer),
+        warmup_alpha=trained(entropy_weight, alpha, learner.alpha_optimizer),
         multiplier_state=learner.multiplier_rule.init(),
         reference=cloning.init_bc_state(nets.actor, learner.reference_optimizer, reference_key,
                                    sizes.observation_size),
@@ -434,34 +430,38 @@ def phase_step(slow: TrainState, fast: TrainState, grads: Any, warm: bool) -> tu
     return slow, fast.replace(params=slow.params)
 
 
+def phase_alpha(state: SATACState, warm: bool) -> TrainState:
+    """The alpha train state of the phase: the warm start's own, or the adversarial phase's."""
+    return state.warmup_alpha if warm else state.alpha
+
+
 def _alpha_step(learner: Learner, state: SATACState, log_probs: jax.Array, warm: bool) -> SATACState:
-    grad = jax.grad(alpha_loss)(state.alpha.params["log_alpha"], log_probs, learner.target_entropy)
-    alpha, warmup_alpha = phase_step(state.alpha, state.warmup_alpha, {"log_alpha": grad}, warm)
-    return state.replace(alpha=alpha, warmup_alpha=warmup_alpha)
+    """One Adam step of the phase's log alpha on :func:`alpha_loss`; the other phase's is untouched, so
+    the adversarial phase starts from ``log(init_alpha)`` and fresh moments (ATAC's reset)."""
+    alpha = phase_alpha(state, warm)
+    grad = jax.grad(alpha_loss)(alpha.params["log_alpha"], log_probs, learner.target_entropy)
+    alpha = alpha.apply_gradients(grads={"log_alpha": grad})
+    return state.replace(warmup_alpha=alpha) if warm else state.replace(alpha=alpha)
 
 
 def reference_cost(learner: Learner, state: SATACState, batch: TransitionBatch) -> jax.Array:
-    """``Q_c(s, a_ref)`` per sample (the threshold itself for ``threshold``), gradient stopped; with
-    ``threshold_floor``, ``max(Q_c(s, a_ref), threshold)``: a reference cheaper than the limit does not
-    take the limit's slack away from the actor."""
+    """``Q_c(s, a_ref)`` per sample (the threshold itself for ``threshold``), gradient stopped."""
     config, nets = learner.config, learner.networks
-    threshold = jnp.broadcast_to(cost_threshold(learner, state), batch.rewards.shape)
     if config.reference == "threshold":
-        return threshold
+        return jnp.broadcast_to(cost_threshold(learner, state), batch.rewards.shape)
     if config.reference == "bc_safe":
         mean, _ = nets.actor.apply(state.reference.actor.params, batch.observations)
         reference_actions = distributions.tanh_gaussian_mode(mean)
     else:
         reference_actions = batch.actions
-    q = jax.lax.stop_gradient(critics.double_q_max(
+    return jax.lax.stop_gradient(critics.double_q_max(
         nets.cost_critic.apply(state.cost_critic.params, batch.observations, reference_actions)))
-    return jnp.maximum(q, threshold) if config.threshold_floor else q
 
 
 def _actor_step(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax.Array,
                 multiplier: jax.Array, warm: bool):
     config, nets = learner.config, learner.networks
-    alpha = entropy_weight(state.alpha.params)
+    alpha = entropy_weight(phase_alpha(state, warm).params)
     q_cost_reference = reference_cost(learner, state, batch) if config.use_cost_critic else None
 
     def loss_fn(actor_params):
@@ -524,7 +524,7 @@ def update(learner: Learner, state: SATACState, batch: TransitionBatch, key: jax
         multiplier_state = learner.multiplier_rule.update(state.multiplier_state, cost_value,
                                                           cost_threshold(learner, state))
         state = state.replace(multiplier_state=multiplier_state)
-    metrics = {**critic_metrics, **actor_metrics, "alpha": entropy_weight(state.alpha.params),
+    metrics = {**critic_metrics, **actor_metrics, "alpha": entropy_weight(phase_alpha(state, warm).params),
                "multiplier": multiplier}
     return state, metrics
 
@@ -552,10 +552,9 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
     phases = (
         offline.Phase("reference", _reference_update(learner),
                       config.reference_updates if config.trains_reference else 0, rows="safe",
-                      safe_fraction=config.safe_fraction, top_reward_fraction=config.top_reward_fraction),
+                      safe_fraction=config.safe_fraction),
         offline.Phase("warmup", lambda s, b, k: update(learner, s, b, k, warm=True), config.warmup_updates,
-                      rows=config.warmup_data, safe_fraction=config.safe_fraction,
-                      top_reward_fraction=config.top_reward_fraction),
+                      rows=config.warmup_data, safe_fraction=config.safe_fraction),
         offline.Phase("hold", lambda s, b, k: update(learner, s, b, k, actor_moves=False),
                       config.actor_hold_updates),
         offline.Phase("train", lambda s, b, k: update(learner, s, b, k), config.num_updates),
@@ -572,4 +571,5 @@ def run(config: Config, ctx) -> dict[str, Any]:
 
 
 SATAC = Experiment(Config, run)
+WSAC = SATAC  # the published name (NeurIPS 2024) of the same learner and config
 ATAC = Experiment(ATACConfig, run)

@@ -22,7 +22,7 @@ from constrained_rl.data import dsrl  # noqa: E402
 
 MULTIPLIER = lagrangian.MultiplierConfig(kind="projected_ascent", init=1.0, max=100.0, learning_rate=0.5)
 CONFIG = satac.Config(hidden_sizes=(16, 16), batch_size=32, reference="behaviour", multiplier=MULTIPLIER,
-                      actor_learning_rate=1e-3, alpha_learning_rate=1e-3, cost_limits=(10.0,))
+                      actor_learning_rate=1e-3, cost_limits=(10.0,))
 PROBLEM = offline.Problem(observation_size=4, action_size=2, episode_length=20)
 RTOL, ATOL = 1e-4, 1e-5
 

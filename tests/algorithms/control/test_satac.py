@@ -142,8 +142,6 @@ def test_warm_start_can_clone_only_the_safe_episodes():
     halved = satac.make_algorithm(satac.Config(warmup_data="safe", safe_fraction=0.5), problem)
     assert [(p.rows, p.safe_fraction) for p in halved.phases] == [
         ("safe", 0.5), ("safe", 0.5), ("all", 1.0), ("all", 1.0)]
-    frontier = satac.make_algorithm(satac.Config(warmup_data="safe", top_reward_fraction=0.25), problem)
-    assert [p.top_reward_fraction for p in frontier.phases] == [0.25, 0.25, 1.0, 1.0]
     # Safe warm-start data depends on kappa, so each limit needs its own runs.
     assert safe.uses_cost_limit and satac.Config(warmup_data="safe", use_cost_critic=False).uses_cost_limit
     with pytest.raises(ConfigError, match="warmup_data"):
@@ -151,8 +149,6 @@ def test_warm_start_can_clone_only_the_safe_episodes():
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="safe_fraction"):
             satac.Config(safe_fraction=bad)
-        with pytest.raises(ConfigError, match="top_reward_fraction"):
-            satac.Config(top_reward_fraction=bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,7 +160,7 @@ def test_warm_start_can_clone_only_the_safe_episodes():
 
 LEARNING = satac.Config(
     cost_limits=(0.0,), num_seeds=1, hidden_sizes=(32, 32), batch_size=64, actor_learning_rate=3e-3,
-    critic_learning_rate=3e-3, alpha_learning_rate=3e-3, init_alpha=0.1, beta=16.0, reference="threshold",
+    critic_learning_rate=3e-3, init_alpha=0.1, beta=16.0, reference="threshold",
     multiplier=dataclasses.replace(satac.MULTIPLIER, init=2.0), warmup_updates=100, num_updates=500,
     updates_per_chunk=100, eval_every=0)
 
@@ -231,8 +227,8 @@ def _warm_learner(**overrides):
     return learner, satac.init_state(learner, jax.random.PRNGKey(0), jnp.float32(10.0)), batch, update
 
 
-def test_warm_start_clones_at_the_fast_rate():
-    learner, state, batch, update = _warm_learner()
+def test_warm_start_clones_at_the_fast_rate_and_alpha_restarts_after_it():
+    learner, state, batch, update = _warm_learner(init_alpha=0.5)
     warm = state
     for i in range(5):
         warm, _ = update(warm, batch, jax.random.PRNGKey(i), warm=True)
@@ -240,9 +236,50 @@ def test_warm_start_clones_at_the_fast_rate():
     # Five Adam steps at the slow rate 1e-9 could move no weight by more than 5e-9.
     assert max(jax.tree.leaves(moved)) > 1e-3
     chex.assert_trees_all_equal(warm.actor.opt_state, state.actor.opt_state)  # the slow Adam is untouched
-    trained, _ = update(warm, batch, jax.random.PRNGKey(9))
+    # ATAC's entropy weight: the warm start tunes its own log alpha; the adversarial phase's waits at
+    # log(init_alpha) with untouched Adam moments.
+    assert abs(float(warm.warmup_alpha.params["log_alpha"]) - np.log(0.5)) > 1e-3
+    chex.assert_trees_all_equal(warm.alpha, state.alpha)
+    key = jax.random.PRNGKey(9)
+    trained, metrics = update(warm, batch, key)
     moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), trained.actor.params, warm.actor.params)
     assert max(jax.tree.leaves(moved)) < 1e-8  # the adversarial phase keeps the slow rate
+    # Alpha restarts there at the critics' rate (1e-2 here, not the actor's 1e-9): Adam's first step is
+    # lr * g / (|g| + eps) = lr * sign(g), with g = H - target and H the entropy of the update's samples.
+    _, log_probs = satac._sample_actions(learner, warm.actor.params, batch.observations, jax.random.split(key, 3)[0])
+    step = float(trained.alpha.params["log_alpha"]) - np.log(0.5)
+    np.testing.assert_allclose(step, -1e-2 * np.sign(-float(jnp.mean(log_probs)) - learner.target_entropy), rtol=1e-4)
+    np.testing.assert_allclose(metrics["alpha"], 0.5 * np.exp(step), rtol=1e-5)
+    chex.assert_trees_all_equal(trained.warmup_alpha, warm.warmup_alpha)  # the warm start's is left behind
+
+
+def test_wsac_is_satac_under_its_published_name():
+    """``wsac`` and ``satac`` build the same config and learner, and give the same updates."""
+    from experiments import cli
+
+    wsac, plain = registry.load("wsac"), registry.load("satac")
+    assert wsac.config_cls is plain.config_cls is satac.Config and wsac.run is plain.run
+    assert "WSAC" in dict(line.split(None, 1) for line in registry.describe())["wsac"]
+    overrides = [cli.Override("hidden_sizes", "8", "--hidden_sizes", from_text=True),
+                 cli.Override("reference", "behaviour", "--reference", from_text=True)]
+    configs = [cli.build_config(entry.config_cls, overrides) for entry in (wsac, plain)]
+    assert configs[0] == configs[1] and configs[0].hidden_sizes == (8,)
+    problem = offline.Problem(observation_size=5, action_size=2, episode_length=10)
+    learners = [satac.make_learner(config, problem) for config in configs]
+    assert learners[0].networks == learners[1].networks
+    batch = dsrl.take_transitions(one_step_dataset(16), jnp.arange(16))
+
+    @jax.jit
+    def warm_then_adversarial(key):
+        runs = []
+        for learner in learners:
+            state = satac.init_state(learner, key, jnp.float32(10.0))
+            state, _ = satac.update(learner, state, batch, key, warm=True)
+            runs.append(satac.update(learner, state, batch, key))
+        return runs
+
+    by_wsac, by_satac = warm_then_adversarial(jax.random.PRNGKey(3))
+    chex.assert_trees_all_equal(jax.tree.leaves(by_wsac), jax.tree.leaves(by_satac))
 
 
 def test_returns_warm_start_regresses_on_bootstrapped_returns():
@@ -373,21 +410,6 @@ def test_hold_trains_the_critics_alone_as_the_adversarial_step_does():
     assert {p.name: p.num_updates for p in satac.make_algorithm(satac.Config(), problem).phases}["hold"] == 0
     with pytest.raises(ConfigError, match="actor_hold_updates"):
         satac.Config(actor_hold_updates=150, updates_per_chunk=100)
-
-
-def test_threshold_floor_lets_the_actor_spend_down_to_the_threshold():
-    """``threshold_floor``: the penalty's reference value is ``max(g(s, a_ref), threshold)``."""
-    learner, state, batch, _ = _warm_learner(reference="behaviour", threshold_floor=True)
-    plain_learner, _, _, _ = _warm_learner(reference="behaviour")
-    threshold = satac.cost_threshold(learner, state)
-    plain = satac.reference_cost(plain_learner, state, batch)
-    floored = satac.reference_cost(learner, state, batch)
-    np.testing.assert_allclose(floored, jnp.maximum(plain, threshold), rtol=1e-6)
-    assert float(jnp.min(plain)) < float(threshold)  # the floor is active on this batch
-    assert satac.Config(reference="behaviour", threshold_floor=True).uses_cost_limit
-    for meaningless in (dict(reference="threshold"), dict(use_cost_critic=False)):
-        with pytest.raises(ConfigError, match="threshold_floor"):
-            satac.Config(threshold_floor=True, **meaningless)
 
 
 def test_mean_cost_target_averages_the_twin_targets():

@@ -4,13 +4,27 @@
   wrappers    TimeLimit, EpisodeMetrics, AutoReset, VmapBatch and ``wrap`` (the standard stack)
   navigation  BallCircle, CarCircle, BallRun, CarRun (pure JAX, after Bullet-Safety-Gym)
   velocity    HalfCheetah/Hopper/Walker2d/Ant/Swimmer velocity tasks on Brax (after Safety-Gymnasium)
-  gym_adapter host adapter for Gymnasium-API environments that report ``info['cost']``
+  layout      what each observation and action dimension means; the check that a policy fits a task
+  host        the real tasks (Bullet-Safety-Gym, Safety-Gymnasium) by their registered ids, stepped in
+              parallel worker processes
+  gym_adapter host adapter for one Gymnasium-API environment that reports ``info['cost']``
+
+Task names: the JAX tasks by short names (``BallCircle``, ``AntVelocity``: ``names()``, built by
+``make``), the real tasks by their registered ids (``SafetyBallCircle-v0``: ``host.HOST_TASKS``).
+``task_names()`` lists both; ``evaluation_env`` and ``evaluate_runs`` are the one place that decides
+whether a task is played on the device or on the host.
 """
 
 from __future__ import annotations
 
 from constrained_rl.config import ConfigError
+from typing import Any
+
+import jax
+
 from constrained_rl.envs.base import Env, EnvState, Wrapper
+from constrained_rl.envs.host import HOST_TASKS, HostTaskEnv, is_host_task
+from constrained_rl.envs.layout import Layout, check_layout
 from constrained_rl.envs.navigation import TASKS as NAVIGATION_TASKS
 from constrained_rl.envs.navigation import make_navigation
 from constrained_rl.envs.wrappers import AutoReset, EpisodeMetrics, TimeLimit, VmapBatch, wrap
@@ -56,7 +70,66 @@ def make(
     return wrap(raw, episode_length=episode_length, batch_size=batch_size, auto_reset=auto_reset)
 
 
+def task_names() -> list[str]:
+    """Every task a learner can be evaluated on: the JAX tasks, then the real tasks' registered ids."""
+    return names() + list(HOST_TASKS)
+
+
+def require_task(name: str, field: str = "task", host: bool = True) -> None:
+    """``ConfigError`` naming ``field`` unless ``name`` is a known task (a JAX task only, if not ``host``)."""
+    known = task_names() if host else names()
+    if name not in known:
+        raise ConfigError(f"{field}: unknown environment {name!r}; known: {', '.join(known)}")
+
+
+def evaluation_env(name: str) -> Env | HostTaskEnv:
+    """The task as evaluation plays it: a JAX task without auto-reset (``evaluate_episodes`` masks the steps
+    after an episode ends), or the description of a real task that :func:`evaluate_runs` plays on the host."""
+    require_task(name)
+    if is_host_task(name):
+        return HostTaskEnv(name)
+    return make(name, auto_reset=False)
+
+
+def task_layout(name: str) -> Layout:
+    """The declared layout of any task of :func:`task_names`."""
+    require_task(name)
+    return HostTaskEnv(name).layout if is_host_task(name) else make(name).layout
+
+
+def evaluate_runs(env: Env | HostTaskEnv, policy_fn: Any, policy_params: Any, keys: jax.Array, num_episodes: int,
+                  policy_layout: Layout | None = None):
+    """``num_episodes`` episodes per run, ``EpisodeStats [R, num_episodes]`` (params with a leading run axis).
+
+    A JAX task plays them on the device, all runs at once (``vmap`` of ``rollouts.evaluate_episodes``);
+    a real task on the host (:func:`host.evaluate_runs`), which demands ``policy_layout``. A given
+    ``policy_layout`` is checked against the task's on either (``ConfigError`` at the first mismatch).
+    """
+    if isinstance(env, HostTaskEnv):
+        from constrained_rl.envs import host
+
+        return host.evaluate_runs(env.name, policy_fn, policy_params, keys, num_episodes, policy_layout=policy_layout)
+    if policy_layout is not None:
+        check_layout(policy_layout, env.layout, task="this JAX task")
+    return _device_evaluator(env, policy_fn, num_episodes)(policy_params, keys)
+
+
+_DEVICE_EVALUATORS: dict[tuple, Any] = {}
+
+
+def _device_evaluator(env: Env, policy_fn: Any, num_episodes: int):
+    """``jit(vmap(evaluate_episodes))`` over runs, cached per (env, policy, episodes)."""
+    from constrained_rl import rollouts  # rollouts imports this package's base module
+
+    key = (env, policy_fn, num_episodes)
+    if key not in _DEVICE_EVALUATORS:
+        one_run = lambda params, run_key: rollouts.evaluate_episodes(env, policy_fn, params, run_key, num_episodes)
+        _DEVICE_EVALUATORS[key] = jax.jit(jax.vmap(one_run))
+    return _DEVICE_EVALUATORS[key]
+
+
 __all__ = [
-    "AutoReset", "ConfigError", "Env", "EnvState", "EpisodeMetrics", "TimeLimit", "VmapBatch", "Wrapper",
-    "make", "names", "wrap",
+    "AutoReset", "ConfigError", "Env", "EnvState", "EpisodeMetrics", "HostTaskEnv", "Layout", "TimeLimit",
+    "VmapBatch", "Wrapper", "evaluate_runs", "evaluation_env", "is_host_task", "make", "names", "require_task",
+    "task_layout", "task_names", "wrap",
 ]

@@ -8,7 +8,8 @@ conventions (actions in [-1, 1], a scalar cost, separate termination and truncat
 
 The adapter relies on the Gymnasium API only by duck typing (``reset(seed=...) -> (obs, info)``,
 ``step(action) -> (obs, reward, terminated, truncated, info)``, ``action_space.low/high``), so
-Gymnasium itself is not a dependency of the library.
+Gymnasium itself is not a dependency of the library. It steps one environment in this process; the
+real tasks are evaluated in parallel worker processes by :mod:`constrained_rl.envs.host`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 
 from constrained_rl.config import require
+from constrained_rl.envs import host_worker
 from constrained_rl.rollouts import EpisodeStats, PolicyFn
 
 
@@ -61,8 +63,12 @@ class GymAdapter:
         return self._low + 0.5 * (unit + 1.0) * (self._high - self._low)
 
     def reset(self, seed: int | None = None) -> np.ndarray:
-        obs, _ = self.env.reset(seed=seed)
-        return np.asarray(obs, np.float32).reshape(-1)
+        """Starts an episode; a ``seed`` also seeds Python's and NumPy's global generators first, which
+        Bullet-Safety-Gym draws its start states from (it ignores ``reset(seed=...)``)."""
+        if seed is None:
+            obs, _ = self.env.reset()
+            return np.asarray(obs, np.float32).reshape(-1)
+        return host_worker.seed_everything(self.env, seed)
 
     def step(self, action: np.ndarray) -> HostStep:
         obs, reward, terminated, truncated, info = self.env.step(self.scale_action(action))

@@ -29,7 +29,6 @@ See docs/algorithms/osrl_baselines.md for the equations, defaults and the differ
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal, NamedTuple
 
 import chex
@@ -38,10 +37,10 @@ import jax.numpy as jnp
 from flax import struct
 from flax.training.train_state import TrainState
 
-from algorithms.control import offline
+from algorithms.control import offline, osrl
 from algorithms.control.osrl import (PID_MULTIPLIER, OSRLConfig, check_hidden_sizes, init_train_states,
                                 make_optimizers, reward_and_cost_critic_steps, twin_min_q, vae_step)
-from constrained_rl import critics, distributions, lagrangian
+from constrained_rl import critics, lagrangian
 from constrained_rl.config import Experiment, require, require_positive_integers
 from constrained_rl.data import dsrl
 from constrained_rl.models import vae
@@ -49,11 +48,9 @@ from constrained_rl.models import mlp
 from constrained_rl.models.mlp import GaussianActor, QEnsemble
 
 Kernel = Literal["gaussian", "laplacian"]
-LOG_ALPHA_BOUND = 5.0  # log alpha stays in [-5, 5] (BEAR, OSRL)
 # The MMD multiplier alpha: ascent on log alpha by lr * alpha * (mean MMD - epsilon), clipped to [-5, 5] (BEAR),
 # with OSRL's trainer default step 1e-3 and log alpha starting at 0.
-ALPHA = lagrangian.MultiplierConfig(kind="log_ascent", init=1.0, learning_rate=1e-3,
-                                    min=1 / math.exp(LOG_ALPHA_BOUND), max=math.exp(LOG_ALPHA_BOUND))
+ALPHA = osrl.log_alpha_multiplier(learning_rate=1e-3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +170,7 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
     cost_rule, alpha_rule = lagrangian.make_rule(config.multiplier), lagrangian.make_rule(config.alpha)
 
     def sample_pre_squash(actor_params: Any, observations: jax.Array, key: jax.Array) -> jax.Array:
-        """Reparameterised ``u ~ N(mean(s), std(s))``; the action is ``tanh(u)``."""
-        mean, log_std = networks.actor.apply({"params": actor_params}, observations)
-        return distributions.gaussian_sample_and_log_prob(key, mean, log_std)[0]
+        return osrl.sample_pre_squash(networks.actor, actor_params, observations, key)
 
     optimizers = make_optimizers(config)
 

@@ -5,21 +5,25 @@ CPQ makes the cost critic pessimistic where the data says nothing, then treats e
 value exceeds the threshold as unusable. One update, in OSRL's order:
 
 1. VAE on ``(s, a)`` (BCQ's, :mod:`constrained_rl.models.vae`). It flags out-of-distribution (OOD)
-   actions: of ``N`` actions sampled from the policy at each state, those whose encoder KL
-   ``KL(q(z|s,a) || N(0, I))`` is at or above the batch's 75% quantile.
+   actions: of ``N`` actions sampled from the policy's Gaussian at each state *before* the tanh (OSRL's
+   ``pi_dist.sample``, so they may leave ``[-1, 1]``), those whose encoder KL ``KL(q(z|s,a) || N(0, I))``
+   is at or above the batch's 75% quantile.
 2. Reward critic (twin Q) with the constraints-penalized backup: the next value counts only where the
    next action is judged safe,
 
        y_r = r + gamma (1 - terminal) 1[min_e Q_c,targ(s', a') <= l] min_e Q_r,targ(s', a'),  a' ~ pi(s').
 
-3. Cost critic (twin Q): TD to ``y_c = c + gamma (1 - terminal) min_e Q_c,targ(s', a')`` minus the
+3. Cost critic (twin Q): TD to ``y_c = c + gamma (1 - d) min_e Q_c,targ(s', a')`` minus the
    conservative term ``alpha * (E_{s, a~nu}[Q_c(s, a)] - l_c)`` that pushes ``Q_c`` *up* on the OOD
-   actions ``nu``. ``alpha`` is a Lagrange multiplier: projected ascent on ``l_c - E_nu[Q_c]``, clipped to
-   ``[0, alpha.max]``, so it grows while OOD actions still look cheaper than ``l_c = 1.5 l`` (OSRL).
+   actions ``nu``. ``alpha`` is a Lagrange multiplier in log space, OSRL's: after the step,
+   ``log alpha <- clip(log alpha + lr * alpha * (l_c - E_nu[Q_c]), -5, 5)`` with ``E_nu[Q_c]`` measured
+   before the step, from log alpha 0, so it grows while OOD actions still look cheaper than
+   ``l_c = 1.5 l``.
 4. Actor (tanh-Gaussian): maximise ``mean 1[min_e Q_c(s, a) <= l] min_e Q_r(s, a)``, ``a ~ pi(s)``.
 5. Polyak averaging of both critics' targets.
 
-``l`` is the per-step-converted threshold ``kappa (1 - gamma^T) / ((1 - gamma) T)``. See
+``l`` is the per-step-converted threshold ``kappa (1 - gamma^T) / ((1 - gamma) T)``; ``d`` is the
+terminal flag (a timeout bootstraps; OSRL's ``done`` includes timeouts). See
 docs/algorithms/osrl_baselines.md for the equations, defaults and the differences from OSRL's code.
 """
 
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 from flax import struct
 from flax.training.train_state import TrainState
 
-from algorithms.control import offline
+from algorithms.control import offline, osrl
 from algorithms.control.osrl import (OSRLConfig, check_hidden_sizes, init_train_states, make_optimizers,
                                twin_min_q, vae_step)
 from constrained_rl import critics, distributions, lagrangian
@@ -44,10 +48,10 @@ from constrained_rl.models import vae
 from constrained_rl.models import mlp
 from constrained_rl.models.mlp import GaussianActor, QEnsemble
 
-# CPQ's alpha: projected ascent on alpha, fed (-E_nu[Q_c], -l_c) so that it steps by lr * (l_c - E_nu[Q_c]),
-# clipped to [0, 1], from 0 with step 1e-3 (OSRL); --alpha.kind fixed holds it at alpha.init (the paper's
-# fixed-weight form).
-ALPHA = lagrangian.MultiplierConfig(kind="projected_ascent", init=0.0, max=1.0, learning_rate=1e-3)
+# CPQ's alpha (OSRL HEAD, cpq.py): log alpha from 0, += alpha_lr * alpha * (qc_thres - qc_ood), clamped to
+# [-5, 5], alpha_lr 1e-4 (cpq_configs.py): log_ascent fed (-E_nu[Q_c], -l_c). --alpha.kind fixed holds it at
+# alpha.init (the paper's fixed-weight form).
+ALPHA = osrl.log_alpha_multiplier(learning_rate=1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +159,7 @@ class Networks(NamedTuple):
 
 def make_networks(config: Config, problem: offline.Problem) -> Networks:
     return Networks(
-        # OSRL's squashed Gaussian clips log-std to [-20, 2].
+        # OSRL's SquashedGaussianMLPActor clips log-std to [-20, 2].
         actor=GaussianActor(config.actor_hidden_sizes, problem.action_size, log_std_min=-20.0, log_std_max=2.0),
         critic=QEnsemble(config.critic_hidden_sizes, ensemble_size=2),
         vae=vae.ConditionalVAE(config.vae_hidden_sizes, problem.action_size, 2 * problem.action_size),
@@ -186,9 +190,10 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         )
 
     def ood_batch(state: LearnerState, vae_params: Any, observations: jax.Array, key: jax.Array):
-        """``N`` policy actions per state ``[N, B, A]``, the states tiled alike, and their OOD mask."""
+        """``N`` pre-tanh policy samples per state ``[N, B, A]`` (OSRL's ``pi_dist.sample``), the states
+        tiled alike, and their OOD mask."""
         tiled = jnp.broadcast_to(observations, (config.num_sampled_actions,) + observations.shape)
-        actions = jax.lax.stop_gradient(sample_actions(state.actor.params, tiled, key))
+        actions = jax.lax.stop_gradient(osrl.sample_pre_squash(networks.actor, state.actor.params, tiled, key))
         mean, log_std = networks.vae.apply({"params": vae_params}, tiled, actions, method=vae.ConditionalVAE.encode)
         return tiled, actions, ood_mask(vae.kl_to_standard_normal(mean, log_std), config.ood_quantile)
 
@@ -221,10 +226,10 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         def ood_value_of(params):
             return ood_cost_value(networks.critic.apply({"params": params}, tiled_obs, ood_actions), mask)
 
-        # alpha ascends on l_c - E_nu[Q_c], measured before the step, then weighs this step's loss.
+        # This step's loss weighs the current alpha; alpha then ascends on l_c - E_nu[Q_c], measured
+        # before the step (OSRL's order).
         ood_before = ood_value_of(state.cost_critic.params)
-        alpha_state = alpha_rule.update(state.alpha, -ood_before, -ood_threshold)
-        alpha = lagrangian.multiplier(alpha_state)
+        alpha = lagrangian.multiplier(state.alpha)
 
         def cost_loss_fn(params):
             q_cost = networks.critic.apply({"params": params}, batch.observations, batch.actions)
@@ -232,6 +237,7 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
 
         cost_loss, grads = jax.value_and_grad(cost_loss_fn)(state.cost_critic.params)
         cost_critic = state.cost_critic.apply_gradients(grads=grads)
+        alpha_state = alpha_rule.update(state.alpha, -ood_before, -ood_threshold)
 
         def actor_loss_fn(params):
             actions = sample_actions(params, batch.observations, actor_key)

@@ -17,11 +17,27 @@ import optax
 from flax.training.train_state import TrainState
 
 from algorithms.control import offline
-from constrained_rl import critics, lagrangian
+from constrained_rl import critics, distributions, lagrangian
 from constrained_rl.config import require
 from constrained_rl.data import dsrl
 from constrained_rl.models import vae
-from constrained_rl.models.mlp import QEnsemble
+from constrained_rl.models.mlp import GaussianActor, QEnsemble
+
+LOG_ALPHA_BOUND = 5.0  # OSRL's log alpha (BEAR-Lag's MMD weight, CPQ's conservative weight) stays in [-5, 5]
+
+
+def log_alpha_multiplier(learning_rate: float) -> lagrangian.MultiplierConfig:
+    """OSRL's rule for a log-space alpha: ``log alpha <- clip(log alpha + lr * alpha * (x - d), -5, 5)``
+    from log alpha 0 (``log_ascent`` with ``init`` 1 and bounds ``e^-5``, ``e^5``)."""
+    return lagrangian.MultiplierConfig(kind="log_ascent", init=1.0, learning_rate=learning_rate,
+                                       min=1 / math.exp(LOG_ALPHA_BOUND), max=math.exp(LOG_ALPHA_BOUND))
+
+
+def sample_pre_squash(actor: GaussianActor, actor_params: Any, observations: jax.Array, key: jax.Array) -> jax.Array:
+    """Reparameterised ``u ~ N(mean(s), std(s))`` of a tanh-Gaussian actor, before the tanh (the action
+    is ``tanh(u)``): the samples BEAR's MMD compares and CPQ's OOD test scores (OSRL's ``pi_dist``)."""
+    mean, log_std = actor.apply({"params": actor_params}, observations)
+    return distributions.gaussian_sample_and_log_prob(key, mean, log_std)[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from algorithms.control import cpq
+from algorithms.control import cpq, osrl
 from constrained_rl import lagrangian
 from constrained_rl.config import ConfigError
 from tests.algorithms.control.test_bcq_lag import (LOOSE, PROBLEM, TIGHT, assert_runs_match_alone, bandit_dataset,
@@ -56,21 +56,40 @@ class LossTest(chex.TestCase):
         loss = self.variant(cpq.safe_actor_loss)(q_reward, q_cost, 1.0)
         np.testing.assert_allclose(loss, -(2.0 + 0.0 - 1.0) / 3, rtol=1e-6)
 
-    def test_alpha_rises_while_ood_cost_values_stay_below_their_level(self):
-        rule = lagrangian.make_rule(cpq.Config(alpha=dataclasses.replace(cpq.ALPHA, learning_rate=0.1, max=1.0)).alpha)
+    def test_alpha_is_osrl_s_log_space_rule(self):
+        """OSRL HEAD: log alpha from 0, ``+= lr * alpha * (l_c - E_nu[Q_c])``, clamped to [-5, 5], lr 1e-4."""
+        assert (cpq.ALPHA.kind, cpq.ALPHA.init, cpq.ALPHA.learning_rate) == ("log_ascent", 1.0, 1e-4)
+        rule = lagrangian.make_rule(cpq.Config(alpha=dataclasses.replace(cpq.ALPHA, learning_rate=0.1)).alpha)
         state = rule.init()
         state = rule.update(state, -jnp.float32(0.5), -jnp.float32(1.5))  # E_nu[Q_c] = 0.5 < l_c = 1.5
-        np.testing.assert_allclose(state.multiplier, 0.1, rtol=1e-6)
-        for _ in range(20):
+        np.testing.assert_allclose(state.multiplier, np.exp(0.1 * 1.0 * 1.0), rtol=1e-6)  # log alpha 0.1
+        state = rule.update(state, -jnp.float32(4.0), -jnp.float32(1.5))  # 4 > 1.5: log alpha falls
+        np.testing.assert_allclose(state.multiplier, np.exp(0.1 + 0.1 * np.exp(0.1) * -2.5), rtol=1e-5)
+        for _ in range(300):
             state = rule.update(state, -jnp.float32(0.5), -jnp.float32(1.5))
-        assert float(state.multiplier) == 1.0  # clipped at alpha.max
-        state = rule.update(state, -jnp.float32(4.0), -jnp.float32(1.5))
-        np.testing.assert_allclose(state.multiplier, 0.75, rtol=1e-6)
+        np.testing.assert_allclose(state.multiplier, np.exp(5.0), rtol=1e-5)  # clamped at log alpha 5
+        for _ in range(300):
+            state = rule.update(state, -jnp.float32(100.0), -jnp.float32(1.5))
+        np.testing.assert_allclose(state.multiplier, np.exp(-5.0), rtol=1e-5)  # and at -5
+
+    def test_ood_actions_are_pre_tanh_samples(self):
+        """OSRL samples CPQ's OOD actions from the actor's Gaussian before the tanh (``pi_dist``)."""
+
+        class FixedGaussian:  # an actor whose every state gives mean 2, std 0.5
+            def apply(self, variables, observations):
+                shape = observations.shape[:-1] + (2,)
+                return jnp.full(shape, 2.0), jnp.full(shape, jnp.log(0.5))
+
+        key = jax.random.PRNGKey(0)
+        u = osrl.sample_pre_squash(FixedGaussian(), None, jnp.zeros((4000, 3)), key)
+        np.testing.assert_allclose(u, 2.0 + 0.5 * jax.random.normal(key, (4000, 2)), rtol=1e-6)
+        # Not squashed: about 97.7% lie above 1 (P(N(2, 0.5^2) > 1)), where a tanh sample never goes.
+        np.testing.assert_allclose(float(jnp.mean(u > 1.0)), 0.977, atol=0.01)
 
 
 def test_config_refuses_bad_values():
     with pytest.raises(ConfigError, match="init"):
-        cpq.Config(alpha=dataclasses.replace(cpq.ALPHA, init=2.0, max=1.0))
+        cpq.Config(alpha=dataclasses.replace(cpq.ALPHA, init=200.0))
     with pytest.raises(ConfigError, match="ood_quantile"):
         cpq.Config(ood_quantile=1.5)
 
@@ -99,14 +118,18 @@ def test_policy_improves_and_cost_critic_flags_unsafe_actions(trained):
     assert safe_fraction[0] == 1.0 and safe_fraction[1] < 0.2
 
 
-def test_alpha_and_critics_learn(trained):
+def test_alpha_steps_after_the_cost_critic_and_both_critics_learn(trained):
     *_, metrics = trained
-    # alpha ascends on l_c - E_nu[Q_c] within [0, alpha.max]. Loose: OOD cost values (<= 6) stay below
-    # l_c = 1.5 * 10, alpha climbs to its cap. Tight: they exceed l_c = 2.25 and alpha is released to 0.
-    alpha = np.asarray(metrics["alpha"])[:, -1]
-    ood = np.asarray(metrics["ood_cost_value"])[:, -1]
-    assert ood[0] < 15.0 and alpha[0] == 1.0
-    assert ood[1] > 2.25 and alpha[1] == 0.0
+    # Each update's loss weighs the alpha it logs (1, log alpha 0, at the first), and alpha then takes
+    # one log-space step on l_c - E_nu[Q_c] with E_nu[Q_c] measured before the step (OSRL's order):
+    # log alpha_{k+1} - log alpha_k = 1e-4 * alpha_k * (1.5 l - E_nu[Q_c]_k) at every update.
+    alpha = np.asarray(metrics["alpha"], np.float64)
+    ood, threshold = np.asarray(metrics["ood_cost_value"]), np.asarray(metrics["cost_threshold"])
+    assert np.all(alpha[:, 0] == 1.0)
+    np.testing.assert_allclose(np.diff(np.log(alpha), axis=1), 1e-4 * alpha[:, :-1] * (1.5 * threshold - ood)[:, :-1],
+                               rtol=2e-3, atol=1e-7)
+    # The tight limit's OOD cost values pass l_c = 2.25 sooner, so its alpha ends lower.
+    assert alpha[1, -1] < alpha[0, -1] and alpha[1, -1] < 1.0
     losses = np.asarray(metrics["critic_loss"])
     assert losses[:, -20:].mean() < 0.3 * losses[:, :20].mean()
 

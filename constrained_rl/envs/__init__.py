@@ -4,6 +4,8 @@
   wrappers    TimeLimit, EpisodeMetrics, AutoReset, VmapBatch and ``wrap`` (the standard stack)
   navigation  BallCircle, CarCircle, BallRun, CarRun (pure JAX, after Bullet-Safety-Gym)
   velocity    HalfCheetah/Hopper/Walker2d/Ant/Swimmer velocity tasks on Brax (after Safety-Gymnasium)
+  bullet_twins JAX twins of the Bullet-Safety-Gym tasks (BallCircleTwin, BallRunTwin, ...): the real
+              tasks' layouts, rewards, costs and starts, with dynamics fitted to PyBullet
   layout      what each observation and action dimension means; the check that a policy fits a task
   host        the real tasks (Bullet-Safety-Gym, Safety-Gymnasium) by their registered ids, stepped in
               parallel worker processes
@@ -23,6 +25,7 @@ from typing import Any
 import jax
 
 from constrained_rl.envs.base import Env, EnvState, Wrapper
+from constrained_rl.envs.bullet_twins import TWINS, make_twin
 from constrained_rl.envs.host import HOST_TASKS, HostTaskEnv, is_host_task
 from constrained_rl.envs.layout import Layout, check_layout
 from constrained_rl.envs.navigation import TASKS as NAVIGATION_TASKS
@@ -34,7 +37,7 @@ VELOCITY_NAMES = ("HalfCheetahVelocity", "HopperVelocity", "Walker2dVelocity", "
 
 def names() -> list[str]:
     """Every name ``make`` accepts."""
-    return sorted(NAVIGATION_TASKS) + sorted(VELOCITY_NAMES)
+    return sorted(NAVIGATION_TASKS) + sorted(TWINS) + sorted(VELOCITY_NAMES)
 
 
 def make(
@@ -53,7 +56,8 @@ def make(
       episode_length: time limit in steps; ``None`` for the task's default.
       auto_reset: start a new episode automatically when one ends (training); evaluation can turn
         it off and mask steps after the end instead.
-      **task_kwargs: task options (navigation: fields of ``NavigationConfig``; velocity: ``backend``,
+      **task_kwargs: task options (navigation: fields of ``NavigationConfig``; twins: fields of the
+        agent's parameters, e.g. ``BallParameters``; velocity: ``backend``,
         ``threshold`` and Brax environment keyword arguments).
 
     Raises:
@@ -61,6 +65,8 @@ def make(
     """
     if name in NAVIGATION_TASKS:
         raw = make_navigation(name, **task_kwargs)
+    elif name in TWINS:
+        raw = make_twin(name, **task_kwargs)
     elif name in VELOCITY_NAMES:
         from constrained_rl.envs.velocity import VelocityEnv  # Brax is imported only when needed
 

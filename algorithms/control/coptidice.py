@@ -53,7 +53,7 @@ ThresholdConvention = Literal["occupancy", "osrl"]
 class Config(OSRLConfig):
     """COptiDICE hyperparameters; defaults are OSRL's COptiDICE config (``coptidice_configs.py``)."""
 
-    num_updates: int = 300_000  # gradient updates (OSRL)
+    num_updates: int = 100_000  # gradient updates (OSRL coptidice_configs.py: update_steps 100_000)
     actor_learning_rate: float = 1e-4  # Adam step of the policy (OSRL)
     critic_learning_rate: float = 1e-4  # Adam step of the nu and chi networks (OSRL)
     scalar_learning_rate: float = 1e-4  # Adam step of lambda and tau, both softplus-parameterised (OSRL)

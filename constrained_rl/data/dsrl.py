@@ -12,9 +12,10 @@ behind the OSRL baselines, stores one task's transitions in an HDF5 file with th
     timeouts           [N]             1 where the episode was cut by the time limit (bool or float)
 
 Episodes are the runs of rows between ``terminals | timeouts`` flags. Our own files also carry the
-task's normalization metadata as root attributes (:class:`DatasetMetadata`); real DSRL files do not, so
-:func:`load_dsrl` takes a ``metadata`` override (DSRL keeps reference returns in the task's environment
-spec).
+task's normalization metadata as root attributes (:class:`DatasetMetadata`); real DSRL files do not.
+When a file's task is a DSRL task (its ``task`` attribute, or the task its DSRL file name names), DSRL's
+published references apply (:mod:`constrained_rl.data.dsrl_tasks`); :func:`load_dsrl` also takes a
+``metadata`` override, which wins over both.
 
 The loaded :class:`OfflineDataset` is a pytree of device arrays and :func:`sample_batch` is jittable, so
 an entire offline training run can be one ``lax.scan`` over steps that samples inside its body.
@@ -99,7 +100,8 @@ class TransitionBatch(NamedTuple):
         """Bootstrap weights ``gamma * (1 - terminal)`` for one-step targets ``r + discount * V(s')``.
 
         A timeout is not a terminal: the state after a time-limit cut still has a future, so the
-        target bootstraps through it (the convention of D4RL, DSRL and OSRL).
+        target bootstraps through it (D4RL's and DSRL's flags keep the two apart; OSRL's trainers do
+        not bootstrap there, ``done = terminal or timeout``: docs/algorithms/osrl_baselines.md).
         """
         return gamma * (1.0 - self.terminals)
 
@@ -429,7 +431,28 @@ def load_dsrl(path: str | os.PathLike, metadata: DatasetMetadata | None = None) 
             stored = _read_attributes(file.attrs, source)
     except OSError as error:
         raise ConfigError(f"{source}: cannot be read as HDF5 ({error})") from error
-    return offline_dataset_from_arrays(arrays, stored.merged_with(metadata), source)
+    return offline_dataset_from_arrays(arrays, resolved_metadata(stored, path, metadata), source)
+
+
+def resolved_metadata(stored: DatasetMetadata, path: str | os.PathLike,
+                      override: DatasetMetadata | None = None) -> DatasetMetadata:
+    """A file's metadata: its attributes, then DSRL's published references when its task is a DSRL task,
+    then ``override``.
+
+    The task is ``override.task``, else the file's ``task`` attribute, else the one its DSRL file name
+    names (:func:`constrained_rl.data.dsrl_tasks.task_from_file_name`). For a DSRL task the task becomes
+    the simulator's id and DSRL's reward range, largest episode cost and time limit replace the file's
+    own; for any other task the file's own figures stand. Fields ``override`` sets win over both.
+    """
+    from constrained_rl.data import dsrl_tasks  # it imports this module
+
+    named = (override.task if override is not None else None) or stored.task
+    task = dsrl_tasks.dsrl_task(named or dsrl_tasks.task_from_file_name(path))
+    if task is not None:
+        stored = stored.merged_with(dsrl_tasks.published_metadata(task))
+        if override is not None and override.task is not None:
+            override = override._replace(task=task.env_id)
+    return stored.merged_with(override)
 
 
 def _read_dataset(file: h5py.File, key: str, source: str) -> np.ndarray:

@@ -150,3 +150,8 @@ def test_weighted_cloning_moves_towards_reward_or_away_from_cost(trained):
 def test_vmapped_runs_match_runs_alone(trained):
     algorithm, dataset, state, _ = trained
     assert_runs_match_alone(algorithm, dataset, state, (LOOSE, TIGHT), NUM_UPDATES)
+
+
+def test_update_count_is_osrl_s():
+    """OSRL HEAD's ``coptidice_configs.py``: ``update_steps = 100_000`` (200k only for its MetaDrive tasks)."""
+    assert coptidice.Config().num_updates == 100_000

@@ -12,7 +12,8 @@ The loss, on segments of ``K`` consecutive steps (mask ``m`` zero on padding pas
 
     L = -(mean_m log pi(a_t | .) + alpha * mean_m H[pi(. | .)]) + w_c * mean CE(cost head, 1[c_t > 0]),
 
-a diagonal Gaussian policy with entropy regularisation, its temperature tuned towards
+a diagonal Gaussian policy (log-std unbounded, as OSRL's ``DiagGaussianActor``) with entropy
+regularisation, its temperature tuned towards
 ``H_target = -|A|`` by ``min_alpha alpha * (H - H_target)`` (OSRL's stochastic CDT), plus the
 auxiliary cost classifier at the action tokens (weight 0.02). Tokens carry ``0.1 * R_t`` and
 ``50 - C_t`` (OSRL's reward scale and cost transform).

@@ -41,7 +41,7 @@ from constrained_rl.schedules import learning_rate_schedule  # also common.learn
 
 SYNTHETIC = "synthetic"
 MODEL_DIR = "model"  # the Hugging Face export inside the run directory
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 PyTree = Any
 Arrays = dict[str, np.ndarray]
@@ -58,7 +58,9 @@ class Source:
     eval_data: str | None = None  # held-out file; none = hold out eval_fraction of the data
     eval_fraction: float = 0.1  # share of the rows held out when eval_data is none
     synthetic_rows: int = 4096  # rows generated when data is "synthetic" (held-out part included)
-    template: str = "safe-rlhf"  # prompt template: a registered name (safe-rlhf, alpaca, plain) or a JSON file
+    # prompt template: auto (the model's chat template if it has one, else safe-rlhf), chat, safe-rlhf, alpaca,
+    # plain, or a JSON file
+    template: str = "auto"
     seed: int = 0  # data generation, the split, the initialisation and the shuffling
 
     def __post_init__(self) -> None:
@@ -86,7 +88,9 @@ class Training:
     epochs: int | None = None  # passes over the training rows
     learning_rate: float | None = None  # peak AdamW step size
     batch_size: int | None = None  # rows per update
-    max_length: int | None = None  # tokens per sequence; longer ones are cut on the right
+    # tokens per sequence; longer ones are cut on the right. None: the preset's for the synthetic data, the
+    # longest row of a file (refused above the model's max_position_embeddings)
+    max_length: int | None = None
     weight_decay: float | None = None  # AdamW decoupled weight decay (not on norms and biases)
     dtype: Dtype | None = None  # computation dtype; parameters and optimiser state stay float32
     warmup_ratio: float = 0.03  # share of the updates with linear warmup before the cosine decay to 0
@@ -131,7 +135,7 @@ class ModelSource(NamedTuple):
     """A resolved model source: its tokenizer, prompt template and architecture."""
 
     tokenizer: Any  # has encode(text) -> ids, pad_id, eos_id
-    template: tokenizer_lib.PromptTemplate
+    template: tokenizer_lib.Template  # a string template or the checkpoint's chat template
     config: llama.LlamaConfig  # with the computation dtype, float32 parameters
     directory: str | None  # the Hugging Face directory, None for the synthetic model
     task: synthetic_safety.SyntheticSafetyTask | None  # the synthetic task, None for a directory
@@ -148,13 +152,14 @@ def synthetic_llama_config(tokenizer: synthetic_safety.WordTokenizer, dtype: str
 
 def open_model_source(source: Source, dtype: str) -> ModelSource:
     """Tokenizer, template and architecture of ``source.model``; a bad directory is a ConfigError."""
-    template = tokenizer_lib.load_template(source.template)
     if source.model == SYNTHETIC:
+        template = tokenizer_lib.load_template(source.template)
         task = synthetic_safety.SyntheticSafetyTask()
         return ModelSource(task.tokenizer, template, synthetic_llama_config(task.tokenizer, dtype), None, task)
     if not os.path.isdir(source.model):
         raise ConfigError(f"model: {source.model!r} is neither 'synthetic' nor a directory")
     tokenizer = tokenizer_lib.load_tokenizer(source.model)
+    template = tokenizer_lib.load_template(source.template, source.model)
     if tokenizer.eos_id is None:
         raise ConfigError(f"{source.model}: the tokenizer names no eos_token (tokenizer_config.json), which "
                           "ends every response")
@@ -181,9 +186,26 @@ def save_tokenizer(directory: str, model_source: ModelSource) -> None:
 # ------------------------------------------------------------------------------------------- data
 
 
-def format_responses(template: tokenizer_lib.PromptTemplate, responses: list[str]) -> list[str]:
-    """Each response through the template's ``response_format`` (the identity for the built-in templates)."""
-    return [template.response_format.replace("{response}", response) for response in responses]
+def format_responses(template: tokenizer_lib.Template, responses: list[str]) -> list[str]:
+    """Each response as the template writes an assistant turn (the identity for the built-in templates)."""
+    return [template.format_response(response) for response in responses]
+
+
+def sequence_length(training: Training, source: Source, hyper: Hyperparameters) -> int | None:
+    """Tokens per training sequence: the explicit ``training.max_length``, the preset's on the synthetic
+    data, or None for a file (the trainers then use its longest row: nothing is cut)."""
+    if training.max_length is not None or source.data == SYNTHETIC:
+        return hyper.max_length
+    return None
+
+
+def check_positions(arrays: Arrays, config: llama.LlamaConfig, setting: str = "max_length") -> None:
+    """Refuses token arrays wider than the model's positions (ConfigError naming the setting that cuts)."""
+    width = max((value.shape[-1] for name, value in arrays.items() if name.endswith("tokens")), default=0)
+    if width > config.max_position_embeddings:
+        raise ConfigError(f"{setting}: the longest row has {width} tokens, more than the model's "
+                          f"max_position_embeddings={config.max_position_embeddings}; set {setting} to at most "
+                          f"{config.max_position_embeddings} to cut longer rows on the right")
 
 
 def split_rows(arrays: Arrays, eval_fraction: float, seed: int) -> tuple[Arrays, Arrays]:
@@ -195,12 +217,13 @@ def split_rows(arrays: Arrays, eval_fraction: float, seed: int) -> tuple[Arrays,
     return pick(order[num_eval:]), pick(order[:num_eval])
 
 
-def load_arrays(source: Source, model_source: ModelSource, max_length: int,
+def load_arrays(source: Source, model_source: ModelSource, max_length: int | None,
                 read_file: Callable[[str], Any], generate: Callable[[Any, int, int], Any],
                 tokenize: Callable[[Any, int], Arrays]) -> tuple[Arrays, Arrays]:
     """Training and held-out arrays: ``tokenize(read_file(path) or generate(task, rows, seed), max_length)``.
 
-    Without ``source.eval_data`` a seeded ``eval_fraction`` of the rows is held out.
+    Without ``source.eval_data`` a seeded ``eval_fraction`` of the rows is held out. ``max_length`` None:
+    each part as wide as its longest row, refused above the model's positions.
     """
     if source.data == SYNTHETIC:
         # The task's texts are tokenized with the model's tokenizer: an export of the synthetic model
@@ -210,11 +233,14 @@ def load_arrays(source: Source, model_source: ModelSource, max_length: int,
     else:
         data = read_file(source.data)
     arrays = tokenize(data, max_length)
+    check_positions(arrays, model_source.config)
     if source.eval_data is None:
         if len(next(iter(arrays.values()))) < 2:
             raise ConfigError(f"data: {source.data}: needs at least 2 rows to hold some out")
         return split_rows(arrays, source.eval_fraction, source.seed)
-    return arrays, tokenize(read_file(source.eval_data), max_length)
+    held_out = tokenize(read_file(source.eval_data), max_length)
+    check_positions(held_out, model_source.config)
+    return arrays, held_out
 
 
 def num_rows(arrays: PyTree) -> int:

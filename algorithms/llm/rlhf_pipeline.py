@@ -79,7 +79,9 @@ class Config:
     cost_model: str | None = None  # a score-model directory (skips cost-model training)
     prompts: str | None = None  # RL prompts (.jsonl / .parquet with a prompt field); None = synthetic
     eval_prompts: str | None = None  # held-out prompts (prompt, optional category); None = synthetic
-    template: str = "safe-rlhf"  # prompt template: a registered name or a JSON file
+    # prompt template: auto (the actor's chat template if it has one, else safe-rlhf), chat, a registered name
+    # (safe-rlhf, alpaca, plain) or a JSON file
+    template: str = "auto"
     # Synthetic data
     synthetic_rows: int = 4096  # SFT rows and preference rows generated each
     synthetic_eval_prompts: int = 200  # held-out prompts generated
@@ -93,7 +95,9 @@ class Config:
     checkpoint_every: int = 4  # chunks between checkpoints
     prompts_per_step: int = 16  # B: prompts per RL step
     responses_per_prompt: int = 4  # K: responses per prompt (all methods; RePO's per-prompt cost estimate)
-    max_prompt_length: int = 12  # prompt tokens (left-padded / truncated on the left)
+    # prompt tokens (left-padded); a longer prompt is refused, never cut. None: 12 on the synthetic task, else the
+    # longest training or held-out prompt
+    max_prompt_length: int | None = None
     cost_limit: float = 0.0  # d: a response or prompt is safe when its cost is <= d
     # d that Safe-RLHF and RePO train against; None: cost_limit. A margin below cost_limit holds the
     # constrained quantity (a prompt's expected cost, or the average) inside the limit, not on it
@@ -115,13 +119,15 @@ class Config:
         require(self.scorer in ("learned", "ground_truth"), "scorer",
                 f"must be 'learned' or 'ground_truth', got {self.scorer!r}")
         for name in ("synthetic_rows", "synthetic_eval_prompts", "num_steps", "steps_per_chunk",
-                     "checkpoint_every", "prompts_per_step", "responses_per_prompt", "max_prompt_length",
+                     "checkpoint_every", "prompts_per_step", "responses_per_prompt",
                      "eval_responses_per_prompt"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         require(self.num_steps % self.steps_per_chunk == 0, "num_steps",
                 f"must be a multiple of steps_per_chunk={self.steps_per_chunk}, got {self.num_steps}")
         require(self.shaping_multiplier.kind == "fixed", "shaping_multiplier.kind",
                 f"must be fixed: shaping is a constant lambda (got {self.shaping_multiplier.kind!r})")
+        require(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
+                f"must be >= 1, got {self.max_prompt_length}")
         require(math.isfinite(self.cost_limit), "cost_limit", f"must be finite, got {self.cost_limit}")
         require(self.train_cost_limit is None or math.isfinite(self.train_cost_limit), "train_cost_limit",
                 f"must be finite, got {self.train_cost_limit}")
@@ -216,8 +222,28 @@ class Setup(NamedTuple):
     ptx: rlhf_ppo.PTXData | None
 
 
-def _prompt_pool(tokenizer: Any, prompts: list[str], config: Config, template: str) -> rlhf_ppo.PromptPool:
-    batch = preference.tokenize_prompts(tokenizer, prompts, config.max_prompt_length, template)
+SYNTHETIC_MAX_PROMPT_LENGTH = 12  # the synthetic task's prompts have 8-9 tokens
+
+
+def prompt_length(config: Config, model_source: common.ModelSource, prompts: list[str]) -> int:
+    """Prompt tokens of the RL and evaluation pools: ``max_prompt_length``, else 12 on the synthetic task, else
+    the longest of ``prompts``; refused when a prompt is longer or prompt and response overrun the model."""
+    if config.max_prompt_length is not None:
+        length = config.max_prompt_length
+    elif config.synthetic:
+        length = SYNTHETIC_MAX_PROMPT_LENGTH
+    else:
+        length = preference.tokenize_prompts(model_source.tokenizer, prompts, None,
+                                             model_source.template).tokens.shape[1]
+    positions = model_source.config.max_position_embeddings
+    if length + config.ppo.max_new_tokens > positions:
+        raise ConfigError(f"max_prompt_length: {length} prompt tokens and ppo.max_new_tokens="
+                          f"{config.ppo.max_new_tokens} exceed the model's max_position_embeddings={positions}")
+    return length
+
+
+def _prompt_pool(tokenizer: Any, prompts: list[str], length: int, template: Any) -> rlhf_ppo.PromptPool:
+    batch = preference.tokenize_prompts(tokenizer, prompts, length, template)
     return rlhf_ppo.PromptPool(jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask, jnp.int32))
 
 
@@ -265,11 +291,12 @@ def build_setup(config: Config, directories: dict[str, str], data: dict[str, Pat
                      else sorted(set(preference.read_preference_data(data["preference"]).prompt)))
     eval_data = preference.read_prompt_data(config.eval_prompts or data["eval_prompts"])
     categories, names = _categories(eval_data)
-    prompt_format = model_source.template.prompt_format
+    template = model_source.template
+    max_prompt_length = prompt_length(config, model_source, train_prompts + eval_data.prompt)
     ptx = None
     if config.ptx:
         sft_data = preference.read_sft_data(data["sft"])
-        arrays = sft.tokenize(model_source, sft_data, config.max_prompt_length + config.ppo.max_new_tokens)
+        arrays = sft.tokenize(model_source, sft_data, max_prompt_length + config.ppo.max_new_tokens)
         ptx = rlhf_ppo.PTXData(*(jnp.asarray(arrays[k]) for k in ("tokens", "attention_mask", "loss_mask")))
     return Setup(
         models=models,
@@ -277,8 +304,8 @@ def build_setup(config: Config, directories: dict[str, str], data: dict[str, Pat
         actor_params=actor_variables,
         reward_critic_params=critics[0][1],
         cost_critic_params=critics[1][1],
-        prompts=_prompt_pool(model_source.tokenizer, train_prompts, config, prompt_format),
-        eval_prompts=_prompt_pool(model_source.tokenizer, eval_data.prompt, config, prompt_format),
+        prompts=_prompt_pool(model_source.tokenizer, train_prompts, max_prompt_length, template),
+        eval_prompts=_prompt_pool(model_source.tokenizer, eval_data.prompt, max_prompt_length, template),
         eval_categories=categories,
         category_names=names,
         eval_scorers=eval_scorers,

@@ -71,12 +71,12 @@ PAIRS: dict[str, tuple[str, str]] = {"reward": ("better", "worse"), "cost": ("sa
 
 
 def tokenize(kind: Kind, model_source: common.ModelSource, data: preference.PreferenceData,
-             max_length: int) -> common.Arrays:
+             max_length: int | None) -> common.Arrays:
     """The pair of ``kind`` as ``<role>_tokens`` / ``<role>_mask`` arrays (and the safety signs for costs)."""
     template = model_source.template
     formatted = dataclasses.replace(data, response_0=common.format_responses(template, data.response_0),
                                     response_1=common.format_responses(template, data.response_1))
-    batch = preference.tokenize_preference(model_source.tokenizer, formatted, max_length, template.prompt_format)
+    batch = preference.tokenize_preference(model_source.tokenizer, formatted, max_length, template)
     arrays = {}
     for role in PAIRS[kind]:
         tokens = getattr(batch, role)
@@ -174,7 +174,8 @@ def train(kind: Kind, config: Config, ctx) -> common.Trained:
     model_source = common.open_model_source(config.source, hyper.dtype)
     init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(config.source.seed))
     train_arrays, held_out = common.load_arrays(
-        config.source, model_source, hyper.max_length, preference.read_preference_data, generate_synthetic,
+        config.source, model_source, common.sequence_length(config.training, config.source, hyper),
+        preference.read_preference_data, generate_synthetic,
         lambda data, max_length: tokenize(kind, model_source, data, max_length))
     model, variables = init_model(model_source, config.score_bias, init_key)
     progress = ("loss", "eval/accuracy") + (("eval/sign_accuracy",) if kind == "cost" else ())

@@ -48,11 +48,11 @@ class Config:
     training: common.Training = common.Training()  # preset and optimiser / loop settings
 
 
-def tokenize(model_source: common.ModelSource, data: preference.SFTData, max_length: int) -> common.Arrays:
+def tokenize(model_source: common.ModelSource, data: preference.SFTData, max_length: int | None) -> common.Arrays:
     """Right-padded ``template(prompt) + response + eos`` rows: tokens, attention and loss masks."""
     responses = common.format_responses(model_source.template, data.response)
     batch = preference.tokenize_sft(model_source.tokenizer, data.prompt, responses, max_length,
-                                    model_source.template.prompt_format)
+                                    model_source.template)
     return {"tokens": batch.tokens, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask}
 
 
@@ -97,7 +97,8 @@ def train(config: Config, ctx) -> common.Trained:
     model_source = common.open_model_source(config.source, hyper.dtype)
     init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(config.source.seed))
     train_arrays, held_out = common.load_arrays(
-        config.source, model_source, hyper.max_length, preference.read_sft_data, generate_synthetic,
+        config.source, model_source, common.sequence_length(config.training, config.source, hyper),
+        preference.read_sft_data, generate_synthetic,
         lambda data, max_length: tokenize(model_source, data, max_length))
     model, variables = init_model(model_source, init_key)
     result = common.fit(ctx, STAGE, make_loss(model), variables["params"], train_arrays, held_out, hyper,

@@ -329,11 +329,24 @@ class PreferenceBatch(NamedTuple):
     unsafer_sign: np.ndarray  # [N] int32 in {-1, +1}
 
 
-def format_prompt(template: str, prompt: str) -> str:
-    """Fills ``{prompt}`` in ``template``; a template without that placeholder is a config error."""
+PromptFormat = Any  # a "{prompt}" string, or a template object with format_prompt / add_special_tokens
+
+
+def format_prompt(template: PromptFormat, prompt: str) -> str:
+    """``template`` applied to ``prompt``: ``{prompt}`` filled in a string (a string without it is a config
+    error), or a template object's ``format_prompt`` (``constrained_rl.models.tokenizer.load_template``)."""
+    if not isinstance(template, str):
+        return template.format_prompt(prompt)
     if "{prompt}" not in template:
         raise ConfigError(f"prompt_template: must contain '{{prompt}}', got {template!r}")
     return template.replace("{prompt}", prompt)
+
+
+def encode_prompt(tokenizer: Tokenizer, template: PromptFormat, prompt: str) -> list[int]:
+    """Token ids of the formatted prompt; a chat template's text carries its own special tokens, so the
+    tokenizer adds none (``add_special_tokens`` False on the template), as transformers does."""
+    add_special_tokens = getattr(template, "add_special_tokens", True)
+    return tokenizer.encode(format_prompt(template, prompt), add_special_tokens=add_special_tokens)
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -346,47 +359,79 @@ def _pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, left: boo
     return tokens, valid
 
 
-def _check_max_length(max_length: int) -> None:
-    if max_length < 1:
+def _check_max_length(max_length: int | None) -> None:
+    if max_length is not None and max_length < 1:
         raise ConfigError(f"max_length: must be >= 1, got {max_length}")
+
+
+def _too_long(lengths: Sequence[int], limit: int, what: str, setting: str) -> ConfigError:
+    """The refusal of rows longer than ``limit``: how many, the longest, and the setting to raise."""
+    over = [length for length in lengths if length > limit]
+    return ConfigError(f"{setting}: {len(over)} of {len(lengths)} {what} are longer than {limit} tokens "
+                       f"(the longest has {max(over)}); raise {setting} to at least {max(over)} "
+                       "(nothing is cut silently)")
+
+
+def encode_dialogues(tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                     template: PromptFormat = SAFE_RLHF_PROMPT_TEMPLATE) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids + eos) per row; prompt and response are encoded separately, so the
+    boundary between them is exact for any tokenizer."""
+    if len(prompts) != len(responses):
+        raise ConfigError(f"responses: {len(responses)} responses for {len(prompts)} prompts")
+    prompt_ids = [encode_prompt(tokenizer, template, prompt) for prompt in prompts]
+    # A response continues its prompt: no second BOS from the tokenizer's post-processor.
+    response_ids = [tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_id]
+                    for response in responses]
+    return prompt_ids, response_ids
 
 
 def tokenize_sft(
     tokenizer: Tokenizer,
     prompts: Sequence[str],
     responses: Sequence[str],
-    max_length: int,
-    template: str = SAFE_RLHF_PROMPT_TEMPLATE,
+    max_length: int | None,
+    template: PromptFormat = SAFE_RLHF_PROMPT_TEMPLATE,
+    setting: str = "max_length",
 ) -> TokenBatch:
     """Encodes ``template(prompt) + response + eos`` per row, right-padded to ``max_length``.
 
-    Sequences longer than ``max_length`` are cut on the right, as Safe-RLHF does; a cut can remove the
-    eos, and a prompt that fills ``max_length`` alone leaves a row with no response tokens.
+    ``max_length`` None: the longest row (nothing is cut). Otherwise sequences longer than ``max_length``
+    are cut on the right, as Safe-RLHF does (a cut removes the eos), but a row whose prompt leaves no room
+    for a response token is refused (ConfigError naming ``setting``): its prompt would be cut.
     """
     _check_max_length(max_length)
-    if len(prompts) != len(responses):
-        raise ConfigError(f"responses: {len(responses)} responses for {len(prompts)} prompts")
-    prompt_ids = [tokenizer.encode(format_prompt(template, prompt)) for prompt in prompts]
-    # A response continues its prompt: no second BOS from the tokenizer's post-processor.
-    response_ids = [tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_id]
-                    for response in responses]
-    full = [(p + r)[:max_length] for p, r in zip(prompt_ids, response_ids)]
-    tokens, attention_mask = _pad_rows(full, max_length, tokenizer.pad_id, left=False)
-    prompt_lengths = np.array([min(len(p), max_length) for p in prompt_ids])
-    loss_mask = attention_mask & (np.arange(max_length)[None, :] >= prompt_lengths[:, None])
+    prompt_ids, response_ids = encode_dialogues(tokenizer, prompts, responses, template)
+    full = [p + r for p, r in zip(prompt_ids, response_ids)]
+    if max_length is None:
+        max_length = max((len(row) for row in full), default=1)
+    prompt_lengths = [len(p) for p in prompt_ids]
+    if any(length >= max_length for length in prompt_lengths):
+        raise _too_long([length + 1 for length in prompt_lengths], max_length,
+                        "prompts (with one response token)", setting)
+    tokens, attention_mask = _pad_rows([row[:max_length] for row in full], max_length, tokenizer.pad_id, left=False)
+    loss_mask = attention_mask & (np.arange(max_length)[None, :] >= np.asarray(prompt_lengths)[:, None])
     return TokenBatch(tokens, attention_mask, loss_mask)
 
 
 def tokenize_prompts(
     tokenizer: Tokenizer,
     prompts: Sequence[str],
-    max_length: int,
-    template: str = SAFE_RLHF_PROMPT_TEMPLATE,
+    max_length: int | None,
+    template: PromptFormat = SAFE_RLHF_PROMPT_TEMPLATE,
+    setting: str = "max_prompt_length",
 ) -> PromptBatch:
-    """Encodes formatted prompts, left-padded; too long prompts keep their last ``max_length`` tokens
-    (the assistant cue at the end of the template must survive)."""
+    """Encodes formatted prompts, left-padded to ``max_length`` (None: the longest prompt).
+
+    A prompt longer than ``max_length`` is refused (ConfigError: how many, the longest, the ``setting`` to
+    raise), never cut: a left cut would hide the prompt's beginning from the policy.
+    """
     _check_max_length(max_length)
-    rows = [tokenizer.encode(format_prompt(template, prompt))[-max_length:] for prompt in prompts]
+    rows = [encode_prompt(tokenizer, template, prompt) for prompt in prompts]
+    lengths = [len(row) for row in rows]
+    if max_length is None:
+        max_length = max(lengths, default=1)
+    if any(length > max_length for length in lengths):
+        raise _too_long(lengths, max_length, "prompts", setting)
     return PromptBatch(*_pad_rows(rows, max_length, tokenizer.pad_id, left=True))
 
 
@@ -398,14 +443,22 @@ def safety_sign(is_safe: np.ndarray) -> np.ndarray:
 def tokenize_preference(
     tokenizer: Tokenizer,
     data: PreferenceData,
-    max_length: int,
-    template: str = SAFE_RLHF_PROMPT_TEMPLATE,
+    max_length: int | None,
+    template: PromptFormat = SAFE_RLHF_PROMPT_TEMPLATE,
+    setting: str = "max_length",
 ) -> PreferenceBatch:
-    """Tokenizes the helpfulness pair (better, worse) and the harmlessness pair (safer, unsafer) per row."""
+    """Tokenizes the helpfulness pair (better, worse) and the harmlessness pair (safer, unsafer) per row.
+
+    ``max_length`` None: the longest of all responses' rows, so that the four batches share one width.
+    """
     better, safer = data.better_response_id, data.safer_response_id
+    if max_length is None:
+        max_length = max(max(len(p) + len(r) for p, r in zip(*encode_dialogues(tokenizer, data.prompt, responses,
+                                                                                 template)))
+                         for responses in (data.response_0, data.response_1))
 
     def encode(which: np.ndarray) -> TokenBatch:
-        return tokenize_sft(tokenizer, data.prompt, data.response(which), max_length, template)
+        return tokenize_sft(tokenizer, data.prompt, data.response(which), max_length, template, setting)
 
     is_safe = np.stack([data.is_response_0_safe, data.is_response_1_safe], axis=1)
     rows = np.arange(len(data))

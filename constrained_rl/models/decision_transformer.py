@@ -13,7 +13,9 @@ output at ``a_t`` classifies whether step ``t`` incurs a cost (CDT's auxiliary h
 means the action at the last position never affects the prediction of its own action.
 
 Initialisation and head shapes follow OSRL's CDT: every dense and embedding kernel ``N(0, 0.02)``,
-zero biases; the Gaussian head's log-std squashed into ``[-5, 2]`` by ``tanh`` (OSRL's actor bounds).
+zero biases; the Gaussian head's log-std is the plain linear output, unbounded: OSRL's
+``DiagGaussianActor`` (``osrl/common/net.py``) stores ``log_std_bounds = [-5.0, 2.0]`` but its
+``forward`` takes ``std = log_std.exp()`` without applying them.
 """
 
 from __future__ import annotations
@@ -25,12 +27,11 @@ import jax
 import jax.numpy as jnp
 
 TOKENS_PER_STEP = 4  # R, C, s, a
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
 class DecisionTransformerOutput(NamedTuple):
     action_mean: jax.Array  # [B, K, action_size], before any clipping
-    action_log_std: jax.Array  # [B, K, action_size], in [LOG_STD_MIN, LOG_STD_MAX]
+    action_log_std: jax.Array  # [B, K, action_size], unbounded (OSRL's)
     cost_logits: jax.Array  # [B, K, 2]: log-probabilities of (no cost, cost) at each step
 
 
@@ -95,7 +96,6 @@ class DecisionTransformer(nn.Module):
         x = nn.LayerNorm()(x).reshape(batch, steps, TOKENS_PER_STEP, width)
         state_out, action_out = x[:, :, 2], x[:, :, 3]
         mean = _dense(self.action_size, "action_mean")(state_out)
-        squashed = jnp.tanh(_dense(self.action_size, "action_log_std")(state_out))
-        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (squashed + 1.0)
+        log_std = _dense(self.action_size, "action_log_std")(state_out)
         cost_logits = jax.nn.log_softmax(_dense(2, "cost_head")(action_out), axis=-1)
         return DecisionTransformerOutput(mean, log_std, cost_logits)

@@ -5,6 +5,12 @@ A tokenizer directory holds ``tokenizer.json`` (read by the ``tokenizers`` libra
 ``add_bos_token`` fields are honoured. Special tokens the ``tokenizer.json`` post-processor adds are kept;
 a BOS is prepended only when ``add_bos_token`` asks for one and the post-processor did not add it.
 
+A prompt template turns a raw prompt (and response) into model text: a string template
+(:class:`PromptTemplate`, such as Safe-RLHF's) for base models, or the checkpoint's own chat template
+(:class:`constrained_rl.models.chat_template.ChatTemplate`), which ``"auto"`` picks whenever the checkpoint
+has one. Both expose ``format_prompt``, ``format_response`` and ``add_special_tokens`` (whether the
+tokenizer adds its special tokens to the formatted text: a chat template writes them itself).
+
 Prompts are padded on the LEFT so that every row's last position is its last prompt token: generation then
 appends new tokens at the same slot for the whole batch (see ``constrained_rl.sampling``).
 """
@@ -21,6 +27,7 @@ import numpy as np
 import tokenizers
 
 from constrained_rl.config import ConfigError, require
+from constrained_rl.models import chat_template as chat_template_lib
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("special_tokens_map.json", "tokenizer_config.json")  # later files override earlier ones
@@ -34,6 +41,8 @@ class PromptTemplate:
     prompt_format: str  # text before the response, with a {prompt} field
     response_format: str = "{response}"  # text appended after the formatted prompt, with a {response} field
 
+    add_special_tokens = True  # the tokenizer's own special tokens (a BOS) go around the formatted text
+
     def __post_init__(self) -> None:
         require("{prompt}" in self.prompt_format, "template.prompt_format", "must contain {prompt}")
         require("{response}" in self.response_format, "template.response_format", "must contain {response}")
@@ -41,8 +50,11 @@ class PromptTemplate:
     def format_prompt(self, prompt: str) -> str:
         return self.prompt_format.replace("{prompt}", prompt)
 
+    def format_response(self, response: str) -> str:
+        return self.response_format.replace("{response}", response)
+
     def format_dialogue(self, prompt: str, response: str) -> str:
-        return self.format_prompt(prompt) + self.response_format.replace("{response}", response)
+        return self.format_prompt(prompt) + self.format_response(response)
 
 
 TEMPLATES: dict[str, PromptTemplate] = {
@@ -58,13 +70,33 @@ TEMPLATES: dict[str, PromptTemplate] = {
 }
 
 
-def load_template(name_or_path: str) -> PromptTemplate:
-    """A registered template by name, or one read from a JSON file with the ``PromptTemplate`` fields."""
+AUTO = "auto"  # the checkpoint's chat template when it has one, else safe-rlhf
+CHAT = "chat"  # the checkpoint's chat template (refused when it has none)
+Template = PromptTemplate | chat_template_lib.ChatTemplate
+
+
+def load_template(name_or_path: str, directory: str | None = None) -> Template:
+    """The prompt template named by ``name_or_path`` for the checkpoint ``directory`` (None: no checkpoint).
+
+    ``auto``: the checkpoint's chat template if it has one, else ``safe-rlhf``; ``chat``: the checkpoint's
+    chat template; a registered name (safe-rlhf, alpaca, plain); or a JSON file with the
+    ``PromptTemplate`` fields.
+    """
+    if name_or_path in (AUTO, CHAT):
+        chat = None if directory is None else chat_template_lib.load_chat_template(
+            directory, _special_tokens(directory))
+        if chat is not None:
+            return chat
+        if name_or_path == CHAT:
+            where = "the synthetic model" if directory is None else directory
+            raise ConfigError(f"template: 'chat' but {where} has no chat template ({chat_template_lib.CHAT_TEMPLATE_FILE} "
+                              "or chat_template in tokenizer_config.json)")
+        return TEMPLATES["safe-rlhf"]
     if name_or_path in TEMPLATES:
         return TEMPLATES[name_or_path]
     if not os.path.isfile(name_or_path):
-        raise ConfigError(f"template: {name_or_path!r} is neither a known template ({', '.join(TEMPLATES)}) "
-                          "nor a JSON file")
+        raise ConfigError(f"template: {name_or_path!r} is neither a known template "
+                          f"({', '.join((AUTO, CHAT, *TEMPLATES))}) nor a JSON file")
     data = _read_json(name_or_path)
     fields = {f.name for f in dataclasses.fields(PromptTemplate)}
     if not isinstance(data, dict) or "prompt_format" not in data or set(data) - fields:
@@ -89,13 +121,6 @@ def _read_json(path: str) -> Any:
             return json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
-
-
-def _token_content(value: Any) -> str | None:
-    """A special token written as a string or as an AddedToken dict ``{"content": ...}``."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
 
 
 class Tokenizer:
@@ -171,7 +196,7 @@ def _special_tokens(directory: str) -> dict[str, Any]:
 
 def _token_id(backend: tokenizers.Tokenizer, settings: Mapping[str, Any], field: str, directory: str
               ) -> int | None:
-    content = _token_content(settings.get(field))
+    content = chat_template_lib.token_content(settings.get(field))
     if content is None:
         return None
     token_id = backend.token_to_id(content)

@@ -255,3 +255,12 @@ def test_config_registry_and_benchmark_entry():
                 {"max_reward_decrease": -1.0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             cdt.Config(**bad)
+
+
+def test_gaussian_head_log_std_is_unbounded(network):
+    """OSRL's ``DiagGaussianActor`` takes ``std = exp(log_std)`` of the linear output, its stored
+    ``log_std_bounds`` [-5, 2] unused: a head whose bias is 8 or -30 gives exactly those log-stds."""
+    model, params, inputs = network
+    head = {"kernel": jnp.zeros_like(params["params"]["action_log_std"]["kernel"]), "bias": jnp.array([8.0, -30.0])}
+    output = model.apply({"params": {**params["params"], "action_log_std": head}}, *inputs)
+    np.testing.assert_allclose(output.action_log_std, jnp.broadcast_to(jnp.array([8.0, -30.0]), (1, 5, 2)))

@@ -177,12 +177,22 @@ def test_tokenize_sft_masks_by_hand():
     assert batch.tokens.dtype == np.int32 and batch.loss_mask.dtype == bool
 
 
-def test_tokenize_sft_truncates_on_the_right():
-    batch = preference.tokenize_sft(WordTokenizer(), ["hi", "hi hi hi"], ["yo yo", "ok"], max_length=4,
+def test_tokenize_sft_truncates_responses_on_the_right_and_refuses_a_cut_prompt():
+    batch = preference.tokenize_sft(WordTokenizer(), ["hi", "hi"], ["yo yo", "ok"], max_length=4,
                                     template=TEMPLATE)
-    np.testing.assert_array_equal(batch.tokens, [[2, 4, 3, 5], [2, 4, 4, 4]])
-    np.testing.assert_array_equal(batch.attention_mask, np.ones((2, 4)))
-    np.testing.assert_array_equal(batch.loss_mask, [[0, 0, 0, 1], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch.tokens, [[2, 4, 3, 5], [2, 4, 3, 6]])
+    np.testing.assert_array_equal(batch.loss_mask, [[0, 0, 0, 1], [0, 0, 0, 1]])
+    # "hi hi hi" fills the 4 positions with its prompt: the prompt would be cut, so the row is refused.
+    with pytest.raises(ConfigError, match=r"max_length: 1 of 2 prompts .* longer than 4 tokens \(the longest "
+                                          r"has 6\); raise max_length to at least 6"):
+        preference.tokenize_sft(WordTokenizer(), ["hi", "hi hi hi"], ["yo yo", "ok"], max_length=4,
+                                template=TEMPLATE)
+
+
+def test_tokenize_sft_without_max_length_fits_the_longest_row():
+    batch = preference.tokenize_sft(WordTokenizer(), ["hi", "hi hi hi"], ["yo yo", "ok"], max_length=None,
+                                    template=TEMPLATE)
+    np.testing.assert_array_equal(batch.tokens, [[2, 4, 3, 5, 5, 1, 0], [2, 4, 4, 4, 3, 6, 1]])
 
 
 def test_tokenize_sft_rejects_bad_arguments():
@@ -192,10 +202,15 @@ def test_tokenize_sft_rejects_bad_arguments():
         preference.tokenize_sft(WordTokenizer(), ["hi"], [], max_length=4, template=TEMPLATE)
 
 
-def test_tokenize_prompts_left_pads_and_keeps_the_end():
-    batch = preference.tokenize_prompts(WordTokenizer(), ["hi", "hi hi hi"], max_length=4, template=TEMPLATE)
-    np.testing.assert_array_equal(batch.tokens, [[0, 2, 4, 3], [4, 4, 4, 3]])
+def test_tokenize_prompts_left_pads_and_refuses_a_prompt_it_would_cut():
+    batch = preference.tokenize_prompts(WordTokenizer(), ["hi", "hi hi"], max_length=4, template=TEMPLATE)
+    np.testing.assert_array_equal(batch.tokens, [[0, 2, 4, 3], [2, 4, 4, 3]])
     np.testing.assert_array_equal(batch.attention_mask, [[0, 1, 1, 1], [1, 1, 1, 1]])
+    with pytest.raises(ConfigError, match=r"max_prompt_length: 1 of 2 prompts are longer than 4 tokens \(the "
+                                          r"longest has 5\); raise max_prompt_length to at least 5"):
+        preference.tokenize_prompts(WordTokenizer(), ["hi", "hi hi hi"], max_length=4, template=TEMPLATE)
+    longest = preference.tokenize_prompts(WordTokenizer(), ["hi", "hi hi hi"], max_length=None, template=TEMPLATE)
+    np.testing.assert_array_equal(longest.tokens, [[0, 0, 2, 4, 3], [2, 4, 4, 4, 3]])
 
 
 def test_tokenize_preference_pairs_and_safety_signs():
@@ -231,3 +246,11 @@ def test_tokenize_sft_puts_one_bos_with_a_bos_adding_tokenizer():
     batch = preference.tokenize_sft(tokenizer, ["hi"], ["yo yo"], max_length=8, template=TEMPLATE)
     np.testing.assert_array_equal(batch.tokens[0], [2, 3, 5, 4, 6, 6, 1, 0])
     np.testing.assert_array_equal(batch.loss_mask[0], [0, 0, 0, 0, 1, 1, 1, 0])
+
+
+def test_tokenize_preference_without_max_length_gives_the_four_batches_one_width():
+    data = preference.preference_data_from_rows(VALID_ROWS)
+    batch = preference.tokenize_preference(WordTokenizer(), data, max_length=None, template=TEMPLATE)
+    fitted = preference.tokenize_preference(WordTokenizer(), data, max_length=6, template=TEMPLATE)
+    for role in ("better", "worse", "safer", "unsafer"):
+        np.testing.assert_array_equal(getattr(batch, role).tokens, getattr(fitted, role).tokens)

@@ -89,8 +89,8 @@ def load_template(name_or_path: str, directory: str | None = None) -> Template:
             return chat
         if name_or_path == CHAT:
             where = "the synthetic model" if directory is None else directory
-            raise ConfigError(f"template: 'chat' but {where} has no chat template ({chat_template_lib.CHAT_TEMPLATE_FILE} "
-                              "or chat_template in tokenizer_config.json)")
+            raise ConfigError(f"template: 'chat' but {where} has no chat template "
+                              f"({chat_template_lib.CHAT_TEMPLATE_FILE} or chat_template in tokenizer_config.json)")
         return TEMPLATES["safe-rlhf"]
     if name_or_path in TEMPLATES:
         return TEMPLATES[name_or_path]

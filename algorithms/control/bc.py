@@ -6,15 +6,15 @@
   ``C = sum_t c_t <= kappa``: a different dataset, hence a different policy, per cost limit. Under the
   offline scaffold each limit's runs sample from their own safe episodes, all in one vmapped call.
 
-The policy is a tanh-squashed diagonal Gaussian (state-dependent std) fitted by maximum likelihood,
+By default the policy is OSRL's (``osrl/algorithms/bc.py``): a deterministic actor
+``mu(s) = tanh(f(s))`` regressed on the data's actions by the mean squared error,
 
-    L(theta) = -mean_b log pi_theta(a_b | s_b),
+    L(theta) = mean_{b,i} (mu_theta(s_b)_i - a_b,i)^2,
 
-with ``log pi`` of a dataset action by :func:`constrained_rl.models.mlp.actor_log_likelihood`.
-OSRL's BC regresses a deterministic actor with a mean squared error instead; the likelihood is used
-here because it is the loss of ATAC/SATAC's warm start and of SATAC's BC-Safe reference policy, which
-are the same functions (``algorithms.control.cloning``), and because it also fits the spread of the behaviour. Evaluation acts
-with ``tanh(mean)``.
+and evaluation acts with ``mu(s)``. ``loss = "likelihood"`` fits a tanh-squashed diagonal Gaussian
+(state-dependent std) by maximum likelihood instead, ``L = -mean_b log pi_theta(a_b | s_b)``, and acts
+with ``tanh(mean)``: the loss of SATAC's BC-Safe reference policy and of ATAC/SATAC's warm start (the
+same functions, :mod:`algorithms.control.cloning`), so that SATAC's reference can be scored on its own.
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ from algorithms.control import cloning, offline
 from constrained_rl.config import Experiment, require
 from constrained_rl.models import mlp
 
+Loss = Literal["mse", "likelihood"]
+
 @dataclasses.dataclass(frozen=True)
 class Config(offline.OfflineConfig):
-    """BC-All by default; ``data = "safe"`` gives BC-Safe. Defaults follow OSRL's BC."""
+    """BC-All by default; ``data = "safe"`` gives BC-Safe. Defaults follow OSRL's BC (``bc_configs.py``)."""
 
     data: Literal["all", "safe"] = "all"  # imitate all transitions, or episodes with cost return <= kappa
+    loss: Loss = "mse"  # mse: OSRL's deterministic actor regressed on actions; likelihood: tanh-Gaussian (SATAC's reference)
     hidden_sizes: tuple[int, ...] = (256, 256)  # actor MLP widths (OSRL: 2 x 256)
     learning_rate: float = 1e-3  # Adam step size (OSRL BC: 1e-3)
     batch_size: int = 512  # transitions per update (OSRL: 512)
@@ -42,6 +45,7 @@ class Config(offline.OfflineConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.data in ("all", "safe"), "data", f"must be 'all' or 'safe' (got {self.data!r})")
+        require(self.loss in ("mse", "likelihood"), "loss", f"must be 'mse' or 'likelihood' (got {self.loss!r})")
         require(len(self.hidden_sizes) >= 1 and all(w >= 1 for w in self.hidden_sizes), "hidden_sizes",
                 f"must be one or more positive widths (got {self.hidden_sizes})")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
@@ -55,15 +59,20 @@ class SafeConfig(Config):
 
 
 def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorithm:
-    actor = mlp.state_dependent_actor(problem.action_size, config.hidden_sizes)
+    if config.loss == "mse":
+        actor = cloning.deterministic_actor(problem.action_size, config.hidden_sizes)
+        step, policy = cloning.regression_update(actor), cloning.deterministic_policy(actor)
+    else:
+        actor = mlp.state_dependent_actor(problem.action_size, config.hidden_sizes)
+        step, policy = cloning.bc_update(actor), mlp.mode_policy(actor)
     optimizer = optax.adam(config.learning_rate)
 
     def init(key: jax.Array, cost_limit: jax.Array) -> cloning.BCState:
         del cost_limit  # it chooses the data (the rows sampled), not the state
         return cloning.init_bc_state(actor, optimizer, key, problem.observation_size)
 
-    phase = offline.Phase("train", cloning.bc_update(actor), config.num_updates, rows=config.data)
-    return offline.Algorithm(init, (phase,), mlp.mode_policy(actor), uses_cost_limit=config.data == "safe",
+    phase = offline.Phase("train", step, config.num_updates, rows=config.data)
+    return offline.Algorithm(init, (phase,), policy, uses_cost_limit=config.data == "safe",
                              policy_fields=("actor.params",))
 
 

@@ -5,6 +5,7 @@ rewards, costs, episodes and starts, and dynamics that follow PyBullet's.
   agent   ``TwinAgent``: what an agent gives a task (dynamics, kinematics, observation, own reward)
   env     ``TwinEnv``: an agent on a task as one pure-JAX ``Env`` declaring the real task's layout
   ball    the Ball (a rolling sphere, PyBullet's sub-stepping and contacts)
+  car     the RaceCar (a single-track model fitted to PyBullet: steering and speed lags, slip, top speed)
 
 ``TWINS`` names each twin after its real id (``BallCircleTwin`` is ``SafetyBallCircle-v0``);
 ``constrained_rl.envs.make`` builds them with the usual wrappers. To add an agent, implement
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from constrained_rl.config import require
 from constrained_rl.envs.bullet_twins.agent import TwinAgent
 from constrained_rl.envs.bullet_twins.ball import BallAgent, BallParameters
+from constrained_rl.envs.bullet_twins.car import CarAgent, CarParameters
 from constrained_rl.envs.bullet_twins.env import TwinEnv
 from constrained_rl.envs.bullet_twins.tasks import TASKS, Kinematics, Timing, TwinTask, Walls
 
@@ -34,12 +36,14 @@ class TwinSpec:
 
 
 # agent name -> a constructor taking the agent's parameters dataclass (or nothing for the defaults)
-AGENTS: dict[str, Callable[..., TwinAgent]] = {"ball": BallAgent}
-AGENT_PARAMETERS: dict[str, type] = {"ball": BallParameters}
+AGENTS: dict[str, Callable[..., TwinAgent]] = {"ball": BallAgent, "car": CarAgent}
+AGENT_PARAMETERS: dict[str, type] = {"ball": BallParameters, "car": CarParameters}
 
 TWINS: dict[str, TwinSpec] = {
     "BallCircleTwin": TwinSpec("ball", "circle", "SafetyBallCircle-v0", 200),
     "BallRunTwin": TwinSpec("ball", "run", "SafetyBallRun-v0", 100),
+    "CarCircleTwin": TwinSpec("car", "circle", "SafetyCarCircle-v0", 300),
+    "CarRunTwin": TwinSpec("car", "run", "SafetyCarRun-v0", 200),
 }
 
 
@@ -54,5 +58,6 @@ def make_twin(name: str, **parameters) -> TwinEnv:
     return TwinEnv(agent, TASKS[spec.task], spec.real_id, spec.episode_length)
 
 
-__all__ = ["AGENTS", "AGENT_PARAMETERS", "TASKS", "TWINS", "BallAgent", "BallParameters", "Kinematics", "Timing",
+__all__ = ["AGENTS", "AGENT_PARAMETERS", "TASKS", "TWINS", "BallAgent", "BallParameters", "CarAgent", "CarParameters",
+           "Kinematics", "Timing",
            "TwinAgent", "TwinEnv", "TwinSpec", "TwinTask", "Walls", "make_twin"]

@@ -53,7 +53,7 @@ from flax import struct
 from algorithms.control import collect, policy_export
 from constrained_rl import envs, evaluation, lagrangian, returns, rollouts
 from constrained_rl.config import ConfigError, require, require_positive_integers
-from constrained_rl.data import dsrl
+from constrained_rl.data import dsrl, dsrl_tasks
 from constrained_rl.rollouts import PolicyFn
 
 Rows = Literal["all", "safe"]
@@ -65,7 +65,7 @@ Update = Callable[[Any, dsrl.TransitionBatch, jax.Array], tuple[Any, Metrics]]
 class OfflineConfig:
     """Settings every offline learner shares; a learner's Config subclasses it."""
 
-    task: str = "BallCircle"  # environment the policies are evaluated on (constrained_rl.envs)
+    task: str = "BallCircle"  # evaluated on: a JAX task or a real task's id (SafetyBallCircle-v0; envs.task_names)
     dataset: str = ""  # DSRL HDF5 file; empty: collect one first at collect's defaults (see collect)
     reward_min: float | None = None  # reference return scored 0, overriding the file's (DSRL spec)
     reward_max: float | None = None  # reference return scored 1, overriding the file's (DSRL spec)
@@ -82,8 +82,7 @@ class OfflineConfig:
     eval_episodes: int = 20  # episodes per run in the final evaluation (DSRL protocol: 20)
 
     def __post_init__(self) -> None:
-        require(self.task in envs.names(), "task",
-                f"unknown environment {self.task!r}; known: {', '.join(envs.names())}")
+        envs.require_task(self.task)
         require(len(self.cost_limits) >= 1, "cost_limits", "needs at least one cost limit")
         require(all(math.isfinite(k) and k >= 0 for k in self.cost_limits), "cost_limits",
                 f"must be finite and >= 0 (got {self.cost_limits})")
@@ -328,9 +327,10 @@ def cost_threshold(config: Any, problem: Problem, cost_limit: jax.Array) -> jax.
 
 
 @functools.lru_cache(maxsize=8)
-def evaluation_env(task: str) -> envs.Env:
-    """The task without auto-reset (``evaluate_episodes`` masks the steps after an episode ends)."""
-    return envs.make(task, auto_reset=False)
+def evaluation_env(task: str) -> envs.Env | envs.HostTaskEnv:
+    """The task as evaluation plays it (:func:`constrained_rl.envs.evaluation_env`: on the device, or on
+    the host for a real task)."""
+    return envs.evaluation_env(task)
 
 
 @functools.lru_cache(maxsize=32)
@@ -354,12 +354,13 @@ def play_episodes(session: "Session", learner: Any, key: jax.Array,
     a learner's own ``evaluate`` plays once per limit, told that limit. Each run gets one key,
     whatever the limit (common random numbers across limits).
     """
-    evaluate = make_evaluator(session.env, session.algorithm, num_episodes)
     num_runs = session.layout.cost_limits.shape[0]
     keys = jax.random.split(key, num_runs)
-    if session.algorithm.evaluate is None:
-        stats = evaluate(learner, jnp.asarray(session.layout.cost_limits), keys)
+    if session.algorithm.evaluate is None:  # the device or the host, as envs.evaluate_runs decides
+        stats = envs.evaluate_runs(session.env, session.algorithm.policy, learner, keys, num_episodes,
+                                   session.policy_layout)
         return {limit: stats for limit in session.cost_limits}
+    evaluate = make_evaluator(session.env, session.algorithm, num_episodes)
     return {limit: evaluate(learner, jnp.full((num_runs,), limit, jnp.float32), keys)
             for limit in session.cost_limits}
 
@@ -423,6 +424,7 @@ class Session(NamedTuple):
     env: envs.Env
     reference: evaluation.ReferenceReturns | None  # None: no reference returns, no periodic scores
     training_data: Any = None  # the sampler's prepared data, which the chunks then sample from
+    policy_layout: envs.Layout | None = None  # the layout of the data's task: what the policies were trained on
 
 
 def train(config: OfflineConfig, ctx, session: Session) -> RunState:
@@ -484,14 +486,32 @@ def load_dataset(config: OfflineConfig, ctx, collection: collect.Config | None =
     return dsrl.load_dsrl(summary["dataset"], override)
 
 
-def check_dataset(dataset: dsrl.OfflineDataset, env: envs.Env, source: str) -> Problem:
-    """The :class:`Problem`, after checking that the data fits the environment."""
+def check_dataset(dataset: dsrl.OfflineDataset, env: envs.Env | envs.HostTaskEnv, source: str,
+                  task: str = "the task") -> Problem:
+    """The :class:`Problem`, after checking that the data fits the environment: the sizes, and the layout
+    of the data's task (:func:`data_layout`) against the environment's when it is known. A real task
+    demands a known layout: data of unknown origin never trains a policy that runs on it."""
     obs_size, action_size = dataset.observations.shape[1], dataset.actions.shape[1]
     if (obs_size, action_size) != (env.observation_size, env.action_size):
         raise ConfigError(
             f"{source}: observations/actions have sizes ({obs_size}, {action_size}) but the task needs "
             f"({env.observation_size}, {env.action_size})")
+    layout = data_layout(dataset.metadata)
+    if layout is not None:
+        envs.check_layout(layout, env.layout, task=task)
+    elif isinstance(env, envs.HostTaskEnv):
+        raise ConfigError(f"{source}: the data names no known task it was recorded on (task "
+                          f"{dataset.metadata.task!r}), so its layout cannot be checked against {task}; "
+                          f"a DSRL file keeps DSRL's file name, a collected one its task attribute")
     return Problem(obs_size, action_size, env.episode_length)
+
+
+def data_layout(metadata: dsrl.DatasetMetadata) -> envs.Layout | None:
+    """The layout of the task a dataset was recorded on (a DSRL task's simulator, or any task of
+    ``envs.task_names``), or ``None`` when its task is unknown."""
+    task = dsrl_tasks.dsrl_task(metadata.task)
+    name = task.env_id if task is not None else metadata.task
+    return envs.task_layout(name) if name in envs.task_names() else None
 
 
 def trained_layout(config: OfflineConfig, algorithm: Algorithm) -> RunLayout:
@@ -503,7 +523,7 @@ def trained_layout(config: OfflineConfig, algorithm: Algorithm) -> RunLayout:
 def make_session(config: OfflineConfig, dataset: dsrl.OfflineDataset, make_algorithm: MakeAlgorithm,
                  source: str = "dataset") -> Session:
     env = evaluation_env(config.task)
-    problem = check_dataset(dataset, env, source)
+    problem = check_dataset(dataset, env, source, config.task)
     has_reference = dataset.metadata.reward_min is not None and dataset.metadata.reward_max is not None
     reference = evaluation.reference_returns(dataset.metadata) if has_reference else None
     algorithm = make_algorithm(config, problem)
@@ -520,8 +540,11 @@ def make_session(config: OfflineConfig, dataset: dsrl.OfflineDataset, make_algor
         training_data = algorithm.sampler.prepare(dataset)
     require(algorithm.policy is not None or algorithm.evaluate is not None, "policy",
             "a learner needs an evaluation policy or its own evaluate")
+    require(algorithm.evaluate is None or not isinstance(env, envs.HostTaskEnv), "task",
+            f"{config.task} is played on the host, and this learner plays its episodes with its own on-device "
+            "evaluation (a history-conditioned policy); evaluate it on a JAX task")
     return Session(dataset, layout, tuple(float(k) for k in config.cost_limits), algorithm, env, reference,
-                   training_data)
+                   training_data, data_layout(dataset.metadata))
 
 
 def final_evaluation_key(seed: int) -> jax.Array:
@@ -588,7 +611,8 @@ def export_policy(config: OfflineConfig, ctx, session: Session, state: RunState)
         episode_length=env.episode_length, fields=algorithm.policy_fields,
         step=int(jax.device_get(state.updates[0])), run_limits=trained_for,
         seed_indices=[int(i) for i in layout.seed_indices], cost_limits=list(session.cost_limits),
-        reference_returns=None if session.reference is None else session.reference._asdict())
+        reference_returns=None if session.reference is None else session.reference._asdict(),
+        layout=None if session.policy_layout is None else session.policy_layout.to_json())
     return policy_export.write(ctx, policy_params(algorithm, state.learner), content)
 
 

@@ -6,8 +6,9 @@ environment at a time. Their tasks are addressed here by their registered ids (`
 (:data:`constrained_rl.envs.layout.LAYOUTS`).
 
 :class:`HostPool` holds ``num_workers`` worker processes (:mod:`constrained_rl.envs.host_worker`), each
-with ``envs_per_worker`` environments. Episodes are played in *waves*: every environment of the pool
-starts an episode, all are stepped together (one batched, jitted policy call per step over all of them),
+with up to ``envs_per_worker`` environments (made when first needed). Episodes are played in *waves* of
+up to ``num_workers x envs_per_worker``: each environment of the wave starts an episode, all are stepped
+together (one batched, jitted policy call per step over all of them, one message per worker and step),
 an environment that finished waits for the others, and the next wave starts when all are done. A wave
 thus has the shape of the on-device evaluator (a batch of episodes from their first step), so a policy
 batched over episodes runs unchanged, and evaluation plays exactly ``num_episodes`` complete episodes.
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from constrained_rl.config import ConfigError, require
+from constrained_rl.envs import host_worker
 from constrained_rl.envs import layout as layouts
 from constrained_rl.rollouts import EpisodeStats, PolicyFn
 
@@ -106,6 +108,9 @@ def interpreter_for(task: HostTask) -> str:
     return python
 
 
+ENVS_PER_WORKER = 16  # at most, per worker: environments are made when a wave first needs them
+
+
 def default_num_workers() -> int:
     """One worker per CPU core (at least 1)."""
     return max(1, os.cpu_count() or 1)
@@ -151,7 +156,7 @@ class HostPool:
     ``step(actions, active)`` steps the active ones. Use it as a context manager or call ``close``.
     """
 
-    def __init__(self, task: str, num_workers: int | None = None, envs_per_worker: int = 1):
+    def __init__(self, task: str, num_workers: int | None = None, envs_per_worker: int = ENVS_PER_WORKER):
         self.task = host_task(task)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         require(self.num_workers >= 1, "num_workers", f"must be >= 1 (got {num_workers})")
@@ -162,8 +167,7 @@ class HostPool:
         for _ in range(self.num_workers):
             parent, child = socket.socketpair()
             process = subprocess.Popen(
-                [python, str(WORKER_SCRIPT), str(child.fileno()), self.task.package, self.task.id,
-                 str(self.envs_per_worker)],
+                [python, str(WORKER_SCRIPT), str(child.fileno()), self.task.package, self.task.id],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
             child.close()
             self._processes.append(process)
@@ -180,6 +184,7 @@ class HostPool:
                               f"{declared.action_size})")
         self.observation_size = spec["observation_size"]
         self.episode_length = spec["episode_length"] or self.task.episode_length
+        self.spec = spec  # as the worker read it off the environment (bounds, observation blocks)
 
     @property
     def size(self) -> int:
@@ -208,18 +213,23 @@ class HostPool:
         return [self._receive(worker) if message is not None else None for worker, message in enumerate(messages)]
 
     def _split(self, slots: Sequence[int]) -> list[list[int]]:
+        """Slot ``s`` is environment ``s // num_workers`` of worker ``s % num_workers`` (spread evenly)."""
         per_worker: list[list[int]] = [[] for _ in range(self.num_workers)]
         for slot in slots:
-            per_worker[slot // self.envs_per_worker].append(slot)
+            per_worker[int(slot) % self.num_workers].append(int(slot))
         return per_worker
 
     def reset(self, seeds: Sequence[int]) -> np.ndarray:
         """Starts episodes on environments ``0 .. len(seeds) - 1`` with these seeds; observations ``[len(seeds), obs]``."""
         require(0 < len(seeds) <= self.size, "seeds", f"needs 1 to {self.size} seeds (got {len(seeds)})")
         per_worker = self._split(range(len(seeds)))
-        answers = self._ask_all([("reset", [(s % self.envs_per_worker, int(seeds[s])) for s in slots])
+        answers = self._ask_all([("reset", [(s // self.num_workers, int(seeds[s])) for s in slots])
                                  if slots else None for slots in per_worker])
-        return np.concatenate([a for a in answers if a is not None])
+        obs = np.zeros((len(seeds), self.observation_size), np.float32)
+        for slots, answer in zip(per_worker, answers):
+            if slots:
+                obs[slots] = host_worker.unpack(answer)
+        return obs
 
     def step(self, actions: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, ...]:
         """Steps the environments where ``active`` (a bool mask over the first ``len(actions)``).
@@ -230,14 +240,16 @@ class HostPool:
         count = len(actions)
         slots = np.flatnonzero(active)
         per_worker = self._split(slots)
-        answers = self._ask_all([("step", [s % self.envs_per_worker for s in chosen], actions[chosen])
+        answers = self._ask_all([("step", [s // self.num_workers for s in chosen],
+                                  host_worker.pack(np.asarray(actions[chosen], np.float64)))
                                  if chosen else None for chosen in per_worker])
         obs = np.zeros((count, self.observation_size), np.float32)
         reward, cost = np.zeros(count), np.zeros(count)
         terminated, truncated = np.zeros(count, bool), np.zeros(count, bool)
         for chosen, answer in zip(per_worker, answers):
             if chosen:
-                obs[chosen], reward[chosen], cost[chosen], terminated[chosen], truncated[chosen] = answer
+                columns = [host_worker.unpack(packed) for packed in answer]
+                obs[chosen], reward[chosen], cost[chosen], terminated[chosen], truncated[chosen] = columns
         return obs, reward, cost, terminated, truncated
 
     def close(self) -> None:
@@ -266,12 +278,12 @@ class HostPool:
 _POOLS: dict[tuple[str, int, int], HostPool] = {}
 
 
-def shared_pool(task: str, num_workers: int | None = None, envs_per_worker: int = 1) -> HostPool:
+def shared_pool(task: str, num_workers: int | None = None) -> HostPool:
     """A pool kept open for the process (evaluations during training reuse it), closed at exit."""
     workers = default_num_workers() if num_workers is None else num_workers
-    key = (task, workers, envs_per_worker)
+    key = (task, workers)
     if key not in _POOLS:
-        _POOLS[key] = HostPool(task, workers, envs_per_worker)
+        _POOLS[key] = HostPool(task, workers)
     return _POOLS[key]
 
 
@@ -325,7 +337,7 @@ def plan_episodes(keys: jax.Array, num_episodes: int) -> Episodes:
 
 def play(pool: HostPool, policy_fn: PolicyFn, params: Any, episodes: Episodes,
          record: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, np.ndarray]] | None]:
-    """Plays every planned episode to its end in waves of ``pool.size``.
+    """Plays every planned episode to its end in waves of up to ``pool.size`` episodes.
 
     Returns per-episode reward returns, cost returns and lengths ``[N]``, and with ``record`` each
     episode's transitions in DSRL's keys (``observations``, ``next_observations``, ``actions``,
@@ -335,16 +347,17 @@ def play(pool: HostPool, policy_fn: PolicyFn, params: Any, episodes: Episodes,
     count = len(episodes.runs)
     totals = np.zeros((3, count))
     recorded: list[dict[str, np.ndarray]] | None = [] if record else None
-    for start in range(0, count, pool.size):
-        wave = np.arange(start, min(start + pool.size, count))
+    wave_size = min(count, pool.size)
+    for start in range(0, count, wave_size):
+        wave = np.arange(start, min(start + wave_size, count))
         n = len(wave)
-        padded = np.concatenate([wave, np.full(pool.size - n, wave[0])])  # a fixed batch: one compile
+        padded = np.concatenate([wave, np.full(wave_size - n, wave[0])])  # a fixed batch: one compile
         runs, keys = jnp.asarray(episodes.runs[padded]), episodes.keys[padded]
         obs = pool.reset(episodes.seeds[wave])
         alive = np.ones(n, bool)
         steps: list[tuple[np.ndarray, ...]] = []
         for t in range(pool.episode_length):
-            full_obs = np.concatenate([obs, np.zeros((pool.size - n, obs.shape[1]), obs.dtype)])
+            full_obs = np.concatenate([obs, np.zeros((wave_size - n, obs.shape[1]), obs.dtype)])
             actions = np.asarray(act(params, runs, full_obs, keys, t))[:n]
             next_obs, reward, cost, terminated, truncated = pool.step(actions, alive)
             truncated = truncated | (alive & (t + 1 == pool.episode_length) & ~terminated)

@@ -31,7 +31,7 @@ from tests.constrained_rl.data.tiny_dataset import (
 )
 
 METADATA = DatasetMetadata(
-    task="OfflineCarCircle-v0",
+    task="CarCircle",  # the project's own task: the file's figures stand (a DSRL task takes DSRL's)
     episode_length=300,
     reward_min=0.0,
     reward_max=700.0,
@@ -88,7 +88,7 @@ def test_real_dsrl_file_without_attributes_takes_override_and_infers_episode_len
     plain = load_dsrl(path)
     # The longest complete episode [3, 7) stands in for the unknown time limit.
     assert plain.metadata == DatasetMetadata(episode_length=4)
-    override = DatasetMetadata(task="OfflineBallCircle-v0", reward_min=-5.0, reward_max=880.0)
+    override = DatasetMetadata(task="CarCircle", reward_min=-5.0, reward_max=880.0)
     loaded = load_dsrl(path, metadata=override)
     assert loaded.metadata == override._replace(episode_length=4)
 

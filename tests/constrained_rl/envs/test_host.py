@@ -60,7 +60,7 @@ def test_episodes_do_not_depend_on_the_worker_count(toy_task):
     params = jnp.array([[0.2], [0.9]])
     played = [host.evaluate_runs(toy_task, noisy, params, keys, 3, policy_layout=TOY_LAYOUT, num_workers=w)
               for w in (1, 2)]
-    with host.HostPool(toy_task, num_workers=1, envs_per_worker=4) as pool:
+    with host.HostPool(toy_task, num_workers=1, envs_per_worker=2) as pool:  # waves of 2: 3 waves
         rewards, costs, lengths, _ = host.play(pool, noisy, params, host.plan_episodes(keys, 3))
     for stats in played[1:]:
         np.testing.assert_array_equal(stats.reward_return, played[0].reward_return)

@@ -135,6 +135,8 @@ class Config:
         batch = self.prompts_per_step * self.responses_per_prompt
         require(batch % self.ppo.num_minibatches == 0, "ppo.num_minibatches",
                 f"must divide the {batch} responses of a step")
+        require(self.ppo.advantage == "gae" or self.responses_per_prompt >= 2, "responses_per_prompt",
+                "must be >= 2 with ppo.advantage group: a response is compared with its prompt's others")
         for section in self.inactive_sections:  # a method's settings are refused unless it trains
             require(getattr(self, section) == METHOD_SECTION_DEFAULTS[section](), section,
                     f"settings for method {METHOD_SECTIONS[section]!r}, which is not among methods {self.methods}")
@@ -276,10 +278,11 @@ def build_setup(config: Config, directories: dict[str, str], data: dict[str, Pat
         require(task is not None, "scorer", "'ground_truth' needs the synthetic task's prompts")
         train_scorers = (rlhf_ppo.exact_scorer(synthetic_safety.ground_truth_reward),
                          rlhf_ppo.exact_scorer(synthetic_safety.ground_truth_cost))
-        reward_key, cost_key = jax.random.split(key)
-        critics = (rlhf_ppo.critic_from_backbone(actor, actor_variables, reward_key),
-                   rlhf_ppo.critic_from_backbone(actor, actor_variables, cost_key))
+        critics = tuple(rlhf_ppo.critic_from_backbone(actor, actor_variables, critic_key)
+                        for critic_key in jax.random.split(key))
         scorer_params = (task.tables, task.tables)
+    if config.ppo.advantage == "group":  # critic-free: four models, nothing to start critics from
+        critics = (None, None), (None, None)
     if task is not None:
         eval_scorers = (rlhf_ppo.exact_scorer(synthetic_safety.ground_truth_reward),
                         rlhf_ppo.exact_scorer(synthetic_safety.ground_truth_cost))

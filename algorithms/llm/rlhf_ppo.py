@@ -29,7 +29,14 @@ actor. One RL step here is
    Because the KL term sits with opposite signs in the two streams, the actor always sees ``-beta KL_t``
    whatever ``lambda_i`` is: the gate changes the cost pressure, never the KL pressure.
 5. **update**: PPO's clipped surrogate for the actor (clip 0.2, optional PTX loss), clipped value losses
-   (clip 5.0) for both critics (``constrained_rl.objectives``).
+   (clip 5.0) for both critics (``constrained_rl.objectives``); every loss is each response's token mean,
+   then the mean over responses (``objectives.per_sequence_mean``, Safe-RLHF's ``masked_mean``).
+
+**Critic-free** (``PPOConfig.advantage = "group"``, GRPO: Shao et al. 2024, "DeepSeekMath"): no critics
+(four models: actor, reference, reward, cost). Steps 2-3 become :func:`group_advantages`: each response's
+reward and cost against the mean and std of its prompt's ``K`` responses, on every token; the KL leaves
+the reward and enters the actor loss as ``beta * k3``. Step 4 is unchanged, so RePO's gate still reads the
+prompt's group mean cost and Safe-RLHF's multiplier the window mean.
 
 Everything from prompt sampling to the optimiser steps is one pure, jittable function
 (:func:`make_rl_step`), scanned in chunks by the experiment loop and vmapped over seeds.
@@ -82,6 +89,9 @@ class PPOConfig:
     ptx_batch_size: int = 16  # SFT sequences per PTX loss evaluation
     temperature: float = 1.0  # sampling temperature of rollouts
     max_new_tokens: int = 512  # longest response generated
+    # gae: reward and cost critics, token-level GAE (Safe-RLHF's six models); group: no critics, each response's
+    # reward and cost against its prompt's K responses (GRPO), the KL as a loss term (four models)
+    advantage: Literal["gae", "group"] = "gae"
 
     def __post_init__(self) -> None:
         for name in ("kl_coeff", "actor_weight_decay", "critic_weight_decay", "ptx_coeff"):
@@ -94,6 +104,7 @@ class PPOConfig:
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         for name in ("ppo_epochs", "num_minibatches", "ptx_batch_size", "max_new_tokens"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.advantage in ("gae", "group"), "advantage", f"must be gae or group, got {self.advantage!r}")
         require(self.temperature > 0, "temperature", f"must be > 0 (PPO needs a stochastic policy), "
                 f"got {self.temperature}")
 
@@ -128,11 +139,12 @@ def exact_scorer(score_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]) -> 
 
 @dataclasses.dataclass(frozen=True)
 class RLHFModels:
-    """The modules of the six-model setup; hashable, so jitted functions take it as a static argument."""
+    """The modules of the six-model setup (four without critics); hashable, so jitted functions take it as a
+    static argument."""
 
     actor: LlamaForCausalLM  # the policy (and, with other parameters, the frozen reference)
-    reward_critic: LlamaForScore  # per-token values of the reward stream
-    cost_critic: LlamaForScore  # per-token values of the cost stream
+    reward_critic: LlamaForScore | None  # per-token values of the reward stream; None: critic-free (group)
+    cost_critic: LlamaForScore | None  # per-token values of the cost stream; None: critic-free (group)
     reward_scorer: Scorer  # reward model R(x, y)
     cost_scorer: Scorer  # cost model C(x, y) (> 0 unsafe)
 
@@ -307,14 +319,14 @@ class Rollout(NamedTuple):
     cost_scores: jax.Array  # [N] C(x, y)
     log_probs: jax.Array  # [N, R] actor log-probs at rollout time
     reference_log_probs: jax.Array  # [N, R]
-    reward_values: jax.Array  # [N, R]
-    cost_values: jax.Array  # [N, R]
+    reward_values: jax.Array | None  # [N, R]; None without critics
+    cost_values: jax.Array | None  # [N, R]; None without critics
 
 
 class TrainState(NamedTuple):
     actor: Params
     actor_optimizer: optax.OptState
-    reward_critic: Params
+    reward_critic: Params  # None without critics (advantage "group"), as are the next three
     reward_critic_optimizer: optax.OptState
     cost_critic: Params
     cost_critic_optimizer: optax.OptState
@@ -337,6 +349,10 @@ def score_rollout(models: RLHFModels, state: TrainState, frozen: FrozenParams, s
                   group_ids: jax.Array) -> Rollout:
     """Scores the sampled responses and records the old log-probs and values (teacher forcing)."""
     scored = (sequences.tokens, sequences.attention_mask, sequences.dialogue_response_mask)
+
+    def values(critic: LlamaForScore | None, params: Params) -> jax.Array | None:
+        return None if critic is None else response_values(critic, params, sequences)
+
     rollout = Rollout(
         sequences=sequences,
         mask=sequences.response_mask.astype(jnp.float32),
@@ -345,8 +361,8 @@ def score_rollout(models: RLHFModels, state: TrainState, frozen: FrozenParams, s
         cost_scores=models.cost_scorer(frozen.cost_model, *scored),
         log_probs=response_log_probs(models.actor, state.actor, sequences),
         reference_log_probs=response_log_probs(models.actor, frozen.reference, sequences),
-        reward_values=response_values(models.reward_critic, state.reward_critic, sequences),
-        cost_values=response_values(models.cost_critic, state.cost_critic, sequences))
+        reward_values=values(models.reward_critic, state.reward_critic),
+        cost_values=values(models.cost_critic, state.cost_critic))
     return jax.lax.stop_gradient(rollout)
 
 
@@ -373,33 +389,49 @@ class Targets(NamedTuple):
     """What the PPO update regresses and ascends on, per token ``[N, R]``."""
 
     actor_advantages: jax.Array
-    reward_returns: jax.Array
-    cost_returns: jax.Array
+    reward_returns: jax.Array | None  # None without critics
+    cost_returns: jax.Array | None
 
 
 def actor_loss(models: RLHFModels, config: PPOConfig, params: Params, rollout: Rollout, targets: Targets,
                ptx: PTXData | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PPO's clipped surrogate on the actor advantages, plus ``ptx_coeff`` times the SFT loss on ``ptx``."""
+    """PPO's clipped surrogate on the actor advantages (each response's token mean, then the mean over
+    responses, as Safe-RLHF's ``masked_mean``), plus, without critics, GRPO's KL term
+    ``beta * per_sequence_mean(k3(pi, pi_ref))``, plus ``ptx_coeff`` times the SFT loss on ``ptx``:
+
+        L = L_clip + 1[group] beta KL_k3                         without PTX
+        L = (L_clip + 1[group] beta KL_k3 + ptx_coeff L_SFT) / 2   with PTX
+
+    Halving with PTX is Safe-RLHF's after its April 2024 fix (PR #173): its actor's gradient accumulation
+    doubles, so the RL and the PTX micro-batch share one optimiser step and their gradients are averaged.
+    """
     log_probs = response_log_probs(models.actor, params, rollout.sequences)
     loss = objectives.ppo_clipped_surrogate(log_probs, rollout.log_probs, targets.actor_advantages,
-                                            config.clip_range_ratio, mask=rollout.mask)
+                                            config.clip_range_ratio, mask=rollout.mask, per_sequence=True)
     aux = {"actor_loss": loss,
            "approx_kl": objectives.approx_kl(log_probs, rollout.log_probs, rollout.mask),
            "clip_fraction": objectives.clip_fraction(log_probs, rollout.log_probs, config.clip_range_ratio,
                                                      rollout.mask)}
+    if config.advantage == "group":  # GRPO keeps the KL out of the reward and in the loss
+        kl_loss = objectives.per_sequence_mean(objectives.kl_k3(log_probs, rollout.reference_log_probs),
+                                               rollout.mask)
+        aux["kl_loss"] = kl_loss
+        loss = loss + config.kl_coeff * kl_loss
     if ptx is not None:
         logits = models.actor.apply(params, ptx.tokens, attention_mask=ptx.attention_mask).logits
         ptx_loss = preference_losses.sft_loss(logits, ptx.tokens, ptx.loss_mask)
         aux["ptx_loss"] = ptx_loss
-        loss = loss + config.ptx_coeff * ptx_loss
+        loss = 0.5 * (loss + config.ptx_coeff * ptx_loss)
     return loss, aux
 
 
 def critic_loss(critic: LlamaForScore, config: PPOConfig, params: Params, sequences: Sequences,
                 old_values: jax.Array, value_targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Clipped value regression (Safe-RLHF's critic loss, clip range 5.0) over response tokens."""
+    """Clipped value regression (Safe-RLHF's critic loss, clip range 5.0): each response's token mean, then
+    the mean over responses."""
     values = response_values(critic, params, sequences)
-    return objectives.clipped_value_loss(values, old_values, value_targets, config.clip_range_value, mask)
+    return objectives.clipped_value_loss(values, old_values, value_targets, config.clip_range_value, mask,
+                                         per_sequence=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,22 +474,34 @@ class StepSpec:
 
 def init_state(config: PPOConfig, signal: CostSignal, actor_params: Params, reward_critic_params: Params,
                cost_critic_params: Params, key: jax.Array, num_steps: int, window_size: int = 128) -> TrainState:
-    """A fresh train state from initial parameters (the SFT actor and score-model-initialised critics)."""
+    """A fresh train state from initial parameters (the SFT actor and score-model-initialised critics; None
+    critics for advantage "group")."""
     actor_optimizer, critic_optimizer = make_optimizers(config, num_steps)
+
+    def critic_state(params: Params) -> optax.OptState:
+        return None if params is None else critic_optimizer.init(params)
+
     return TrainState(
         actor=actor_params, actor_optimizer=actor_optimizer.init(actor_params),
-        reward_critic=reward_critic_params, reward_critic_optimizer=critic_optimizer.init(reward_critic_params),
-        cost_critic=cost_critic_params, cost_critic_optimizer=critic_optimizer.init(cost_critic_params),
+        reward_critic=reward_critic_params, reward_critic_optimizer=critic_state(reward_critic_params),
+        cost_critic=cost_critic_params, cost_critic_optimizer=critic_state(cost_critic_params),
         multiplier=signal.rule.init(), cost_window=lagrangian.CostWindow.init(window_size),
         key=key, step=jnp.zeros((), jnp.int32))
 
 
 def compute_targets(config: PPOConfig, signal: CostSignal, rollout: Rollout, multiplier: jax.Array,
                     group_costs: jax.Array) -> tuple[Targets, jax.Array]:
-    """Token signals, GAE of both streams and the gated actor advantage; also returns the gates ``[N]``.
+    """The reward and cost advantages, their gated combination; also returns the gates ``[N]``.
 
+    ``advantage = "gae"``: token signals and GAE of both streams (critic targets too). ``"group"``
+    (:func:`group_advantages`): each response's scores against its prompt's, the same on every token.
     ``group_costs`` ``[B]``: each prompt's mean response cost, what the gate compares with the limit.
     """
+    gates = signal.gate(group_costs, rollout.group_ids)
+    if config.advantage == "group":
+        reward_advantages, cost_advantages = group_advantages(rollout, group_costs.shape[0])
+        advantages = actor_advantages(reward_advantages, cost_advantages, multiplier, gates)
+        return Targets(advantages, None, None), gates
     rewards, costs = token_level_signals(rollout.reward_scores, rollout.cost_scores, rollout.log_probs,
                                          rollout.reference_log_probs, rollout.mask, config.kl_coeff,
                                          config.clip_range_score)
@@ -465,9 +509,25 @@ def compute_targets(config: PPOConfig, signal: CostSignal, rollout: Rollout, mul
                                                              config.gamma, config.gae_lambda)
     cost_advantages, cost_returns = returns.sequence_gae(costs, rollout.cost_values, rollout.mask,
                                                          config.gamma, config.gae_lambda)
-    gates = signal.gate(group_costs, rollout.group_ids)
     advantages = actor_advantages(reward_advantages, cost_advantages, multiplier, gates)
     return Targets(advantages, reward_returns, cost_returns), gates
+
+
+def group_advantages(rollout: Rollout, num_prompts: int) -> tuple[jax.Array, jax.Array]:
+    """Critic-free reward and cost advantages ``[N, R]`` (GRPO, Shao et al. 2024 "DeepSeekMath", outcome
+    supervision): ``A_i = (s_i - mean_x s) / (std_x s + eps)`` over the K responses to prompt x
+    (``objectives.group_relative_advantages``), on every response token.
+
+    The KL stays out of these scores (it is a loss term, :func:`actor_loss`), so the two advantages are the
+    reward model's and the cost model's alone. The prompt's mean cost, which the gate reads, is the same
+    group mean the cost advantage subtracts.
+    """
+
+    def per_token(scores: jax.Array) -> jax.Array:
+        advantages = objectives.group_relative_advantages(scores, rollout.group_ids, num_prompts)
+        return advantages[:, None] * rollout.mask
+
+    return per_token(rollout.reward_scores), per_token(rollout.cost_scores)
 
 
 def _take(tree: Any, rows: jax.Array) -> Any:
@@ -492,20 +552,22 @@ def ppo_update(models: RLHFModels, config: PPOConfig, optimizers: tuple[optax.Gr
             ptx_batch = _take(ptx, ptx_rows)
         (_, aux), actor_grads = jax.value_and_grad(
             lambda p: actor_loss(models, config, p, batch, batch_targets, ptx_batch), has_aux=True)(carry.actor)
+        actor, actor_state = _apply(actor_optimizer, actor_grads, carry.actor_optimizer, carry.actor)
+        carry = carry._replace(actor=actor, actor_optimizer=actor_state)
+        if models.reward_critic is None:  # critic-free: the actor is all there is to train
+            return carry, aux
         reward_loss, reward_grads = jax.value_and_grad(
             lambda p: critic_loss(models.reward_critic, config, p, batch.sequences, batch.reward_values,
                                   batch_targets.reward_returns, batch.mask))(carry.reward_critic)
         cost_loss, cost_grads = jax.value_and_grad(
             lambda p: critic_loss(models.cost_critic, config, p, batch.sequences, batch.cost_values,
                                   batch_targets.cost_returns, batch.mask))(carry.cost_critic)
-        actor, actor_state = _apply(actor_optimizer, actor_grads, carry.actor_optimizer, carry.actor)
         reward_critic, reward_state = _apply(critic_optimizer, reward_grads, carry.reward_critic_optimizer,
                                              carry.reward_critic)
         cost_critic, cost_state = _apply(critic_optimizer, cost_grads, carry.cost_critic_optimizer,
                                          carry.cost_critic)
-        carry = carry._replace(actor=actor, actor_optimizer=actor_state, reward_critic=reward_critic,
-                               reward_critic_optimizer=reward_state, cost_critic=cost_critic,
-                               cost_critic_optimizer=cost_state)
+        carry = carry._replace(reward_critic=reward_critic, reward_critic_optimizer=reward_state,
+                               cost_critic=cost_critic, cost_critic_optimizer=cost_state)
         return carry, {**aux, "reward_critic_loss": reward_loss, "cost_critic_loss": cost_loss}
 
     permutation_keys = jax.random.split(key, config.ppo_epochs + 1)

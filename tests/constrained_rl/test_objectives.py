@@ -190,3 +190,50 @@ class KLAndEntropyTest(chex.TestCase):
         logits = jnp.array([[0.3, -jnp.inf, 1.0]])
         grad = jax.grad(objectives.categorical_entropy)(logits)
         assert np.all(np.isfinite(grad))
+
+
+class PerSequenceMeanTest(chex.TestCase):
+    # Two responses of different lengths: 3 tokens and 1 token.
+    X = jnp.array([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    MASK = jnp.array([[1, 1, 1], [1, 0, 0]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_by_hand(self):
+        # Per response: (1 + 2 + 3) / 3 = 2 and 4; then over responses: 3. Over all tokens it would be 10 / 4.
+        self.assertAlmostEqual(float(self.variant(objectives.per_sequence_mean)(self.X, self.MASK)), 3.0)
+        self.assertAlmostEqual(float(objectives.masked_mean(self.X, self.MASK)), 2.5)
+        # A response without tokens is left out; an all-empty batch gives 0.
+        empty_row = jnp.array([[1, 1, 1], [0, 0, 0]])
+        self.assertAlmostEqual(float(objectives.per_sequence_mean(self.X, empty_row)), 2.0)
+        self.assertEqual(float(objectives.per_sequence_mean(self.X, jnp.zeros_like(self.MASK))), 0.0)
+
+    def test_surrogate_weighs_each_response_equally(self):
+        # At ratio 1 the loss is -mean A: per response -(1 + 2 + 3) / 3 = -2 and -4, so -3 over responses.
+        loss = objectives.ppo_clipped_surrogate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), self.X, mask=self.MASK,
+                                                per_sequence=True)
+        self.assertAlmostEqual(float(loss), -3.0, places=6)
+        # d loss / d log pi: -A / (N |o_i|): -[1, 2, 3] / 6 for the long response, -4 / 2 for the short one.
+        grad = jax.grad(lambda lp: objectives.ppo_clipped_surrogate(lp, jnp.zeros((2, 3)), self.X, mask=self.MASK,
+                                                                    per_sequence=True))(jnp.zeros((2, 3)))
+        np.testing.assert_allclose(grad, [[-1 / 6, -2 / 6, -3 / 6], [-2.0, 0.0, 0.0]], rtol=1e-6)
+        value = objectives.clipped_value_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), self.X, mask=self.MASK,
+                                              per_sequence=True)
+        self.assertAlmostEqual(float(value), 0.5 * ((1 + 4 + 9) / 3 + 16) / 2, places=5)
+        with pytest.raises(ValueError, match="mask"):
+            objectives.ppo_clipped_surrogate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), self.X, per_sequence=True)
+
+
+class GroupRelativeAdvantagesTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_by_hand(self):
+        # Group 0 scores (1, 3): mean 2, sample std sqrt(2); group 1 (2, 2): equal scores, advantage 0;
+        # group 2 (5, 6, 10): mean 7, std sqrt((4 + 1 + 9) / 2) = sqrt(7).
+        scores = jnp.array([1.0, 3.0, 2.0, 2.0, 5.0, 6.0, 10.0])
+        ids = jnp.array([0, 0, 1, 1, 2, 2, 2])
+        advantages = self.variant(objectives.group_relative_advantages, static_argnums=2)(scores, ids, 3)
+        eps = objectives.GROUP_STD_EPS
+        expected = [-1 / (2 ** 0.5 + eps), 1 / (2 ** 0.5 + eps), 0.0, 0.0,
+                    -2 / (7 ** 0.5 + eps), -1 / (7 ** 0.5 + eps), 3 / (7 ** 0.5 + eps)]
+        np.testing.assert_allclose(advantages, expected, rtol=1e-5)
+        # A single sample is its own baseline.
+        np.testing.assert_array_equal(objectives.group_relative_advantages(jnp.array([4.0]), jnp.array([0]), 1), 0.0)

@@ -106,6 +106,32 @@ class RePOStepTest(chex.TestCase):
         np.testing.assert_allclose(targets.actor_advantages, [[(2.0 - 4 * 0.5) / 5], [0.5]])
 
 
+class CriticFreeTest(chex.TestCase):
+    """RePO without critics (GRPO-style group advantages, ``PPOConfig.advantage = "group"``)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_targets_by_hand(self):
+        # Two prompts, K = 2. Rewards (1, 3) and (2, 2); costs (1, 0.5) and (-1, -0.5): prompt costs 0.75
+        # (violating) and -0.75 (safe). Responses of 2, 1, 2 and 1 tokens.
+        mask = jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+        sequences = rlhf_ppo.Sequences(*(jnp.zeros((4, 1), jnp.int32),) * 3, mask.astype(jnp.int32))
+        zeros = jnp.zeros((4, 2))
+        rollout = rlhf_ppo.Rollout(sequences, mask, GROUP_IDS, jnp.array([1.0, 3.0, 2.0, 2.0]),
+                                   jnp.array([1.0, 0.5, -1.0, -0.5]), zeros, zeros, None, None)
+        signal = repo.cost_signal(repo.RePOConfig(), cost_limit=0.0)
+        group_costs = jnp.array([0.75, -0.75])
+        targets, gates = self.variant(lambda r, lam, c: rlhf_ppo.compute_targets(
+            rlhf_ppo.PPOConfig(advantage="group"), signal, r, lam, c))(rollout, jnp.float32(1.0), group_costs)
+        np.testing.assert_array_equal(gates, [1.0, 1.0, 0.0, 0.0])
+        # Prompt 0: A_r = (-1, 1) / sqrt(2), A_c = (0.25, -0.25) / sqrt(0.125) = (1, -1) / sqrt(2); gated with
+        # lambda 1: (A_r - A_c) / 2 = (-1, 1) / sqrt(2). Prompt 1: equal rewards, not gated: 0.
+        eps = objectives.GROUP_STD_EPS
+        a = (1 / (2 ** 0.5 + eps) + 0.25 / (0.125 ** 0.5 + eps)) / 2
+        np.testing.assert_allclose(targets.actor_advantages, [[-a, -a], [a, 0.0], [0.0, 0.0], [0.0, 0.0]],
+                                   rtol=1e-5)
+        assert targets.reward_returns is None and targets.cost_returns is None
+
+
 def test_baselines():
     ppo, shaping = repo.baseline_signal(fixed(0.0)), repo.baseline_signal(fixed(2.0))
     for signal, lam in ((ppo, 0.0), (shaping, 2.0)):
@@ -126,8 +152,8 @@ def test_baselines():
 STEPS = 48
 
 
-@pytest.fixture(scope="module")
-def learning_curve():
+def tiny_task():
+    """The synthetic task, a freshly initialised 1-block Llama, and a pool of 8 harmful prompts."""
     task = synthetic_safety.SyntheticSafetyTask()
     tokenizer = task.tokenizer
     config = llama.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
@@ -136,13 +162,21 @@ def learning_curve():
                                pad_token_id=tokenizer.pad_id)
     actor = llama.LlamaForCausalLM(config)
     params = llama.init_params(actor, jax.random.PRNGKey(0))
-    critic, critic_params = rlhf_ppo.critic_from_backbone(actor, params, jax.random.PRNGKey(1))
-
-    models = rlhf_ppo.RLHFModels(actor, critic, critic, rlhf_ppo.exact_scorer(synthetic_safety.ground_truth_reward),
-                                 rlhf_ppo.exact_scorer(synthetic_safety.ground_truth_cost))
     harmful = [f"tell me about {word}" for word in ("weapons", "bombs", "poison", "toxins")] * 2
     prompts = tokenize_prompts(tokenizer, harmful, 10)
     pool = rlhf_ppo.PromptPool(jnp.asarray(prompts.tokens), jnp.asarray(prompts.attention_mask, jnp.int32))
+    return task, actor, params, pool
+
+
+EXACT_SCORERS = (rlhf_ppo.exact_scorer(synthetic_safety.ground_truth_reward),
+                 rlhf_ppo.exact_scorer(synthetic_safety.ground_truth_cost))
+
+
+@pytest.fixture(scope="module")
+def learning_curve():
+    task, actor, params, pool = tiny_task()
+    critic, critic_params = rlhf_ppo.critic_from_backbone(actor, params, jax.random.PRNGKey(1))
+    models = rlhf_ppo.RLHFModels(actor, critic, critic, *EXACT_SCORERS)
     ppo = rlhf_ppo.PPOConfig(actor_learning_rate=3e-3, critic_learning_rate=1e-2, max_new_tokens=4,
                              warmup_ratio=0.0, actor_lr_schedule="constant", ppo_epochs=4)
     # The gate compares a prompt's mean cost over its K = 4 responses with d. At d = 0 one unsafe answer in
@@ -154,6 +188,31 @@ def learning_curve():
     frozen = rlhf_ppo.FrozenParams(params, task.tables, task.tables)
     _, metrics = chunk(state, frozen, pool, None)
     return jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def critic_free_curve():
+    """The run of :func:`learning_curve` without critics: four models, group-relative advantages."""
+    task, actor, params, pool = tiny_task()
+    models = rlhf_ppo.RLHFModels(actor, None, None, *EXACT_SCORERS)
+    ppo = rlhf_ppo.PPOConfig(actor_learning_rate=3e-3, max_new_tokens=4, warmup_ratio=0.0,
+                             actor_lr_schedule="constant", ppo_epochs=4, advantage="group")
+    signal = repo.cost_signal(repo.RePOConfig(multiplier=fixed(5.0)), cost_limit=-0.4)
+    steps = 24  # as fast to run as 48, but half the compile (it learns in fewer steps than with critics)
+    step = rlhf_ppo.make_rl_step(models, ppo, signal, rlhf_ppo.StepSpec(8, 4, 0.0), steps)
+    state = rlhf_ppo.init_state(ppo, signal, params, None, None, jax.random.PRNGKey(2), steps)
+    assert state.reward_critic is None and state.cost_critic_optimizer is None
+    _, metrics = rlhf_ppo.make_chunk(step, steps)(state, rlhf_ppo.FrozenParams(params, task.tables, task.tables),
+                                                  pool, None)
+    return jax.device_get(metrics)
+
+
+def test_critic_free_run_lowers_the_unsafe_rate(critic_free_curve):
+    unsafe = critic_free_curve["unsafe_rate"]
+    first, last = unsafe[:8].mean(), unsafe[-8:].mean()
+    assert first > 0.3
+    assert last < 0.4 * first, unsafe
+    assert "reward_critic_loss" not in critic_free_curve and np.all(np.isfinite(critic_free_curve["kl_loss"]))
 
 
 def test_short_run_lowers_the_unsafe_rate(learning_curve):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import chex
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from algorithms.llm import rlhf_ppo, safe_rlhf
-from constrained_rl import lagrangian, objectives
+from constrained_rl import lagrangian, objectives, preference_losses
 from constrained_rl.config import ConfigError
 
 
@@ -86,6 +87,59 @@ class PPOLagStepTest(chex.TestCase):
         assert grad == 0.0
 
 
+class TableLM:
+    """A stand-in causal LM whose logits at each position are a row of a table: ``logits = table[token]``
+    (what the actor loss needs of a model, without compiling one)."""
+
+    class Output(NamedTuple):
+        logits: jax.Array
+
+    def apply(self, params, tokens, attention_mask=None):
+        del attention_mask
+        return self.Output(params["table"][tokens])
+
+
+class ActorLossTest(chex.TestCase):
+    """The actor loss: per-response averaging, GRPO's KL term, Safe-RLHF's PTX halving."""
+
+    def setUp(self):
+        super().setUp()
+        self.models = rlhf_ppo.RLHFModels(TableLM(), None, None, None, None)
+        self.params = {"table": jax.random.normal(jax.random.PRNGKey(0), (9, 9))}
+        # Two responses of different lengths (3 and 1 tokens) to two-token prompts.
+        mask = jnp.array([[1, 1, 1], [1, 0, 0]], jnp.int32)
+        sequences = rlhf_ppo.Sequences(jnp.array([[1, 2], [3, 4]]), jnp.ones((2, 2), jnp.int32),
+                                       jnp.array([[5, 6, 7], [8, 0, 0]]), mask)
+        log_probs = rlhf_ppo.response_log_probs(self.models.actor, self.params, sequences)
+        self.reference = log_probs + jnp.array([[0.3, -0.2, 0.1], [0.5, 0.0, 0.0]])
+        self.rollout = rlhf_ppo.Rollout(sequences, mask.astype(jnp.float32), jnp.array([0, 0]), jnp.zeros(2),
+                                        jnp.zeros(2), log_probs, self.reference, None, None)
+        self.targets = rlhf_ppo.Targets(jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]), None, None)
+
+    def loss(self, config, ptx=None):
+        return rlhf_ppo.actor_loss(self.models, config, self.params, self.rollout, self.targets, ptx)
+
+    def test_per_response_mean_kl_term_and_ptx(self):
+        # At the rollout policy (ratio 1) the surrogate is -mean A per response, then over responses:
+        # -((1 + 2 + 3) / 3 + 4) / 2 = -3 (the token mean would be -2.5).
+        loss, _ = self.loss(rlhf_ppo.PPOConfig(kl_coeff=0.1))
+        np.testing.assert_allclose(loss, -3.0, rtol=1e-6)
+        # Critic-free: + beta * k3(pi, pi_ref), k3 = e^d - 1 - d with d = log pi_ref - log pi, per response first.
+        k3 = lambda d: np.expm1(d) - d  # noqa: E731
+        kl = (np.mean(k3(np.array([0.3, -0.2, 0.1]))) + k3(0.5)) / 2
+        group_loss, aux = self.loss(rlhf_ppo.PPOConfig(kl_coeff=0.1, advantage="group"))
+        np.testing.assert_allclose(aux["kl_loss"], kl, rtol=1e-5)
+        np.testing.assert_allclose(group_loss, -3.0 + 0.1 * kl, rtol=1e-5)
+        # PTX: Safe-RLHF's shared optimiser step averages the RL and the (ptx_coeff-weighted) SFT gradients.
+        ptx = rlhf_ppo.PTXData(jnp.array([[1, 5, 6, 7]]), jnp.ones((1, 4), jnp.int32),
+                               jnp.array([[0, 1, 1, 1]], jnp.int32))
+        ptx_loss, aux = self.loss(rlhf_ppo.PPOConfig(ptx_coeff=16.0), ptx)
+        logits = self.models.actor.apply(self.params, ptx.tokens, attention_mask=ptx.attention_mask).logits
+        sft = preference_losses.sft_loss(logits, ptx.tokens, ptx.loss_mask)
+        np.testing.assert_allclose(aux["ptx_loss"], sft, rtol=1e-6)
+        np.testing.assert_allclose(ptx_loss, 0.5 * (-3.0 + 16.0 * sft), rtol=1e-5)
+
+
 class MultiplierTest(chex.TestCase):
     def test_moves_the_right_way(self):
         signal = safe_rlhf.cost_signal(safe_rlhf.SafeRLHFConfig(), cost_limit=0.0)
@@ -120,3 +174,5 @@ def test_bad_settings_are_refused():
         rlhf_ppo.PPOConfig(clip_range_ratio=0.0)
     with pytest.raises(ConfigError, match="temperature"):
         rlhf_ppo.PPOConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="advantage"):
+        rlhf_ppo.PPOConfig(advantage="critic")

@@ -7,32 +7,40 @@ on the plane without slipping, so the force drives the effective mass ``m + I / 
 ball spins at ``omega = (-v_y, v_x, 0) / r``.
 
 The twin integrates what PyBullet integrates, sub-step by sub-step (``task.timing``: 6 x 1/60 s on
-Circle, 4 x 1/120 s on Run) with semi-implicit Euler:
+Circle, 4 x 1/120 s on Run) with semi-implicit Euler, in three dimensions (the ball hops when a wall
+kicks it):
 
-1. forces: ``v += h (F / m - c_lin (1 + |v|) v)`` and ``omega -= h c_ang (1 + |omega|) omega``, the
-   multibody damping of Bullet (``btMultiBody``: ``m v (k1 + k2 |v|)``, ``k1 = k2 = linearDamping``,
+1. forces: gravity, ``v += h (F / m - c_lin (1 + |v|) v)`` and ``omega -= h c_ang (1 + |omega|) omega``,
+   the multibody damping of Bullet (``btMultiBody``: ``m v (k1 + k2 |v|)``, ``k1 = k2 = linearDamping``,
    the same for the angular part; PyBullet's default damping is 0.04);
-2. contacts, solved by projected Gauss-Seidel over accumulated impulses as Bullet's sequential-impulse
-   solver does (``solver_iterations`` passes):
-   * each wall ``k`` (Circle's octagon): a one-sided normal constraint that stops the ball at the
-     wall's inner face (restitution ``0.7 x 0 = 0``; an overlap is pushed out at rate ``contact_erp``),
-     Coulomb friction at the contact point (``mu = 1.1 x 0.5``), rolling and spinning friction
-     (``0.03 x 0.5``) bounded by the normal impulse;
-   * the ground: rolling friction, an angular impulse against the rolling spin bounded by
-     ``mu_r m g h`` (Bullet's combined rolling friction ``0.03 x 0.8 + 1.1 x 0 = 0.024``), spinning
-     friction about the vertical, and Coulomb friction ``mu = 1.1 x 0.8`` at the contact point, which
-     enforces rolling without slipping (it never saturates for this ball);
+2. contacts found at the start of the sub-step (the plane, and the two nearest of Circle's octagon
+   walls), solved by projected Gauss-Seidel over accumulated impulses as Bullet's sequential-impulse
+   solver does (``solver_iterations`` passes; in each, every normal constraint, then every rolling and
+   spinning friction, then every lateral friction, each bounded by its contact's normal impulse):
+   * a contact exists only within a threshold (the plane 1 mm, a wall 1 cm): a fast ball sinks into a
+     wall before it is stopped, and the overlap is pushed out at ``erp overlap / h`` (Baumgarte; Bullet
+     has no split impulse for multibodies), which is what makes a ball bounce off a wall although the
+     combined restitution ``0.7 x 0`` is zero; impacts on the plane faster than 0.2 m/s bounce with
+     ``0.7 x 0.5``; a gap may close within the sub-step;
+   * Coulomb friction at the contact point (plane ``1.1 x 0.8``, wall ``1.1 x 0.5``); on the plane it
+     enforces rolling without slipping (it never saturates while the ball rolls); at a wall it drags
+     the spinning surface, which kicks the ball up into a hop;
+   * rolling friction, an angular impulse against the spin perpendicular to the normal, and spinning
+     friction about the normal, each at most ``mu_r`` times the normal impulse (Bullet's combined
+     ``0.03 x 0.8 + 1.1 x 0 = 0.024`` on the plane, ``0.03 x 0.5`` on a wall);
 3. positions: ``p += h v``.
 
 For a ball rolling freely this is ``(m + I / r^2) dv/dt = F - m c_lin (1 + |v|) v
 - (I / r^2) c_ang (1 + |v| / r) v - (mu_r m g / r) v / |v|``, and a force below ``mu_r m g / r = 0.14 N``
-does not move a ball at rest. The parameters below are PyBullet's; fitting them to recorded PyBullet
-trajectories (``benchmarks/twin_fidelity.py --fit``) returns the same values (docs/environments.md).
+does not move a ball at rest. The parameters below are PyBullet's: fitting the force scale, damping and
+rolling friction by least squares to recorded PyBullet trajectories (``benchmarks/twin_fidelity.py
+--fit``) returns them to six digits (docs/environments.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,15 +53,21 @@ POSITION_SCALE = 0.1  # Ball.agent_specific_observation: 0.1 xyz, 0.2 xyz_dot, 0
 VELOCITY_SCALE = 0.2
 ANGULAR_VELOCITY_SCALE = 0.1
 ACTION_PENALTY = 0.5  # Ball.specific_reward = -0.5 ||a||
+MAX_WALL_CONTACTS = 2  # walls solved per sub-step: the nearest ones
+RESTING_OVERLAP = 1e-5  # m: PyBullet's resting ball sinks this far into the plane (its height reads 0.49999)
 
 
 @struct.dataclass
 class BallState:
-    """The ball's base link: planar position [2] (m), planar velocity [2] (m/s), angular velocity [3] (rad/s, world frame)."""
+    """The ball's base link (world frame): planar position [2] (m) and velocity [2] (m/s), angular velocity
+    [3] (rad/s), and the height of its centre [] (m) and vertical velocity [] (m/s), which leave the
+    resting values ``r`` and 0 only when a wall kicks the ball into a hop."""
 
     position: jax.Array
     velocity: jax.Array
     angular_velocity: jax.Array
+    height: jax.Array
+    vertical_velocity: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +84,15 @@ class BallParameters:
     ground_friction: float = 0.88  # combined lateral friction ball x plane: 1.1 x 0.8
     ground_rolling_friction: float = 0.024  # combined rolling friction: 0.03 x 0.8 + 1.1 x 0
     ground_spinning_friction: float = 0.024  # combined spinning friction: 0.03 x 0.8 + 1.1 x 0
+    ground_restitution: float = 0.35  # combined restitution: 0.7 x 0.5
     wall_friction: float = 0.55  # ball x octagon wall: 1.1 x 0.5
     wall_rolling_friction: float = 0.015  # 0.03 x 0.5
     wall_spinning_friction: float = 0.015
+    wall_restitution: float = 0.0  # 0.7 x 0
+    restitution_threshold: float = 0.2  # m/s: slower impacts do not bounce (btContactSolverInfo)
     contact_erp: float = 0.9  # builder.py setDefaultContactERP: fraction of an overlap removed per sub-step
+    wall_contact_threshold: float = 0.01  # m: a wall closer than this is in contact (Bullet's breaking threshold)
+    ground_contact_threshold: float = 0.001  # m: the plane's (its collision margin): a hopping ball lands by overlapping
     solver_iterations: int = 5  # builder.py numSolverIterations
 
     @property
@@ -87,95 +106,92 @@ def _clamp_norm(vector: jax.Array, limit: jax.Array) -> jax.Array:
     return vector * jnp.minimum(1.0, limit / norm)
 
 
-class _Contacts:
-    """Velocity-level contact constraints of one sub-step; each method applies one block of Gauss-Seidel.
+class _Contact(NamedTuple):
+    """One contact of a sub-step: ``normal`` [3] pushes the ball away from the surface; the contact point
+    is ``-r normal`` from the centre; ``target`` is the least separating speed the solver enforces
+    (``-inf`` when out of contact)."""
 
-    Every block adds to its accumulated impulse, clamps the sum to its bounds and applies the change
-    (Catto 2005, "Iterative Dynamics with Temporal Coherence"; Bullet's sequential-impulse solver).
-    """
+    normal: jax.Array
+    target: jax.Array
+    friction: float
+    rolling_friction: float
+    spinning_friction: float
 
-    def __init__(self, params: BallParameters, h: float):
-        self.p = params
-        self.h = h
-        # Inverse effective mass of a contact-point impulse tangent to the sphere: 1/m + r^2/I.
-        self.tangent_mass = 1.0 / (1.0 / params.mass + params.radius**2 / params.inertia)
 
-    def point_friction(self, v, w, accumulated, lever, normal, limit):
-        """Coulomb friction at the contact point ``lever`` (from the centre): slip tangent to ``normal`` driven to 0."""
-        slip = v + jnp.cross(w, lever)
-        slip = slip - jnp.dot(slip, normal) * normal
-        total = _clamp_norm(accumulated - self.tangent_mass * slip, limit)
-        change = total - accumulated
-        return v + change / self.p.mass, w + jnp.cross(lever, change) / self.p.inertia, total
-
-    def twist_friction(self, w, accumulated, normal, rolling_limit, spinning_limit):
-        """Rolling friction (spin perpendicular to ``normal``) and spinning friction (about it), driven to 0."""
-        inertia = self.p.inertia
-        spin_along = jnp.dot(w, normal) * normal
-        rolling = _clamp_norm(accumulated[0] - inertia * (w - spin_along), rolling_limit)
-        w = w + (rolling - accumulated[0]) / inertia
-        spin_along = jnp.dot(w, normal) * normal
-        spinning = _clamp_norm(accumulated[1] - inertia * spin_along, spinning_limit)
-        w = w + (spinning - accumulated[1]) / inertia
-        return w, (rolling, spinning)
+def _contact(normal, gap, approach, restitution, threshold, p: BallParameters, h: float, friction, rolling,
+             spinning) -> _Contact:
+    """Bullet's contact rule: within the threshold, a gap may close this sub-step (``-gap / h``), an overlap
+    is pushed out at ``erp overlap / h`` (Baumgarte: no split impulse for multibodies, so it adds speed);
+    impacts faster than the threshold bounce with ``restitution``."""
+    bounce = jnp.where(approach > p.restitution_threshold, restitution * approach, 0.0)
+    position_term = jnp.where(gap >= 0.0, -gap, -p.contact_erp * gap) / h
+    target = jnp.where(gap < threshold, bounce + position_term, -jnp.inf)
+    return _Contact(normal, target, friction, rolling, spinning)
 
 
 def ball_substep(state: BallState, force: jax.Array, params: BallParameters, h: float,
                  walls: Walls | None) -> BallState:
     """One PyBullet sub-step of ``h`` seconds under the world-frame ``force`` [2] (N); see the module docstring."""
     p = params
-    v = jnp.concatenate([state.velocity, jnp.zeros(1, state.velocity.dtype)])
+    inertia = p.inertia
+    tangent_mass = 1.0 / (1.0 / p.mass + p.radius**2 / inertia)  # a contact-point impulse tangent to the sphere
+    v = jnp.concatenate([state.velocity, state.vertical_velocity[None]])
     w = state.angular_velocity
-    speed, spin = jnp.sqrt(jnp.sum(jnp.square(state.velocity))), jnp.sqrt(jnp.sum(jnp.square(w)))
-    force3 = jnp.concatenate([force, jnp.zeros(1, force.dtype)])
+    speed, spin = jnp.sqrt(jnp.sum(jnp.square(v))), jnp.sqrt(jnp.sum(jnp.square(w)))
+    force3 = jnp.concatenate([force, jnp.full((1,), -p.mass * p.gravity, force.dtype)])
     v = v + h * (force3 / p.mass - p.linear_damping * (1.0 + speed) * v)
     w = w - h * p.angular_damping * (1.0 + spin) * w
 
-    contacts = _Contacts(p, h)
+    # Contacts found at the start of the sub-step (discrete collision detection): the ground, then the
+    # nearest walls (only those can touch: two at a corner of the octagon).
     up = jnp.array([0.0, 0.0, 1.0], v.dtype)
-    ground_lever = -p.radius * up
-    ground_normal_impulse = p.mass * p.gravity * h
-    zero3 = jnp.zeros(3, v.dtype)
+    contacts = [_contact(up, state.height - p.radius, -v[2], p.ground_restitution, p.ground_contact_threshold, p, h,
+                         p.ground_friction, p.ground_rolling_friction, p.ground_spinning_friction)]
     if walls is not None:
         normals2, offsets = walls.arrays()
-        normals = jnp.concatenate([normals2, jnp.zeros((normals2.shape[0], 1), normals2.dtype)], axis=1)
-        gaps = offsets - p.radius - normals2 @ state.position  # >= 0: not touching
-        # Approach speed allowed this sub-step: close the gap exactly, or push an overlap out at rate erp.
-        allowed = jnp.where(gaps >= 0.0, gaps, p.contact_erp * gaps) / h
-        n_walls = normals.shape[0]
-    else:
-        n_walls = 0
+        gaps = offsets - p.radius - normals2 @ state.position
+        negative_gaps, nearest = jax.lax.top_k(-gaps, min(MAX_WALL_CONTACTS, len(walls.offsets)))
+        near_normals = normals2[nearest]
+        for j in range(nearest.shape[0]):
+            inward = -jnp.concatenate([near_normals[j], jnp.zeros(1, v.dtype)])
+            contacts.append(_contact(inward, -negative_gaps[j], -jnp.dot(v, inward), p.wall_restitution,
+                                     p.wall_contact_threshold, p, h,
+                                     p.wall_friction, p.wall_rolling_friction, p.wall_spinning_friction))
 
     def iteration(_, carry):
-        v, w, wall_normal, wall_friction, wall_twist, ground_friction, ground_twist = carry
-        new_normal, new_friction, new_twist = [], [], []
-        for k in range(n_walls):
-            normal = normals[k]
-            total = jnp.maximum(0.0, wall_normal[k] + p.mass * (jnp.dot(v, normal) - allowed[k]))
-            v = v - (total - wall_normal[k]) / p.mass * normal
-            v, w, friction = contacts.point_friction(v, w, wall_friction[k], p.radius * normal, normal,
-                                                     p.wall_friction * total)
-            w, twist = contacts.twist_friction(w, (wall_twist[0][k], wall_twist[1][k]), normal,
-                                               p.wall_rolling_friction * total,
-                                               p.wall_spinning_friction * total)
-            new_normal.append(total), new_friction.append(friction), new_twist.append(twist)
-        w, ground_twist = contacts.twist_friction(w, ground_twist, up, p.ground_rolling_friction * ground_normal_impulse,
-                                                  p.ground_spinning_friction * ground_normal_impulse)
-        v, w, ground_friction = contacts.point_friction(v, w, ground_friction, ground_lever, up,
-                                                        p.ground_friction * ground_normal_impulse)
-        if n_walls:
-            wall_normal = jnp.stack(new_normal)
-            wall_friction = jnp.stack(new_friction)
-            wall_twist = (jnp.stack([t[0] for t in new_twist]), jnp.stack([t[1] for t in new_twist]))
-        return v, w, wall_normal, wall_friction, wall_twist, ground_friction, ground_twist
+        # Bullet's order within an iteration: every normal constraint, then every torsional (rolling and
+        # spinning) friction, then every lateral friction, each bounded by its contact's normal impulse.
+        v, w, normal_impulses, rolling_impulses, spinning_impulses, friction_impulses = carry
+        normal_out, rolling_out, spinning_out, friction_out = [], [], [], []
+        for c, total in zip(contacts, normal_impulses):
+            new = jnp.maximum(0.0, total + p.mass * (c.target - jnp.dot(v, c.normal)))
+            new = jnp.where(jnp.isfinite(c.target), new, 0.0)
+            v = v + (new - total) / p.mass * c.normal
+            normal_out.append(new)
+        for c, n_imp, rolling, spinning in zip(contacts, normal_out, rolling_impulses, spinning_impulses):
+            spin_along = jnp.dot(w, c.normal) * c.normal
+            new_rolling = _clamp_norm(rolling - inertia * (w - spin_along), c.rolling_friction * n_imp)
+            w = w + (new_rolling - rolling) / inertia
+            spin_along = jnp.dot(w, c.normal) * c.normal
+            new_spinning = _clamp_norm(spinning - inertia * spin_along, c.spinning_friction * n_imp)
+            w = w + (new_spinning - spinning) / inertia
+            rolling_out.append(new_rolling), spinning_out.append(new_spinning)
+        for c, n_imp, friction in zip(contacts, normal_out, friction_impulses):
+            lever = -p.radius * c.normal
+            slip = v + jnp.cross(w, lever)
+            slip = slip - jnp.dot(slip, c.normal) * c.normal
+            new = _clamp_norm(friction - tangent_mass * slip, c.friction * n_imp)
+            v = v + (new - friction) / p.mass
+            w = w + jnp.cross(lever, new - friction) / inertia
+            friction_out.append(new)
+        return v, w, normal_out, rolling_out, spinning_out, friction_out
 
-    wall_init = (jnp.zeros(max(n_walls, 1), v.dtype), jnp.zeros((max(n_walls, 1), 3), v.dtype),
-                 (jnp.zeros((max(n_walls, 1), 3), v.dtype), jnp.zeros((max(n_walls, 1), 3), v.dtype)))
-    carry = (v, w, *wall_init, zero3, (zero3, zero3))
+    zero, zero3 = jnp.zeros((), v.dtype), jnp.zeros(3, v.dtype)
+    n = len(contacts)
+    carry = (v, w, [zero] * n, [zero3] * n, [zero3] * n, [zero3] * n)
     v, w, *_ = jax.lax.fori_loop(0, p.solver_iterations, iteration, carry)
-    # The ground's normal impulse cancels any vertical velocity: the ball stays on the plane.
-    velocity = v[:2]
-    return BallState(position=state.position + h * velocity, velocity=velocity, angular_velocity=w)
+    return BallState(position=state.position + h * v[:2], velocity=v[:2], angular_velocity=w,
+                     height=state.height + h * v[2], vertical_velocity=v[2])
 
 
 class BallAgent(TwinAgent):
@@ -194,7 +210,9 @@ class BallAgent(TwinAgent):
     def initial_state(self, position: jax.Array, yaw: jax.Array, task: TwinTask) -> BallState:
         del yaw, task  # a sphere's yaw changes nothing
         return BallState(position=jnp.asarray(position, jnp.float32), velocity=jnp.zeros(2, jnp.float32),
-                         angular_velocity=jnp.zeros(3, jnp.float32))
+                         angular_velocity=jnp.zeros(3, jnp.float32),
+                         height=jnp.asarray(self.params.radius - RESTING_OVERLAP, jnp.float32),
+                         vertical_velocity=jnp.zeros((), jnp.float32))
 
     def step(self, state: BallState, action: jax.Array, task: TwinTask) -> BallState:
         force = self.params.max_force * action

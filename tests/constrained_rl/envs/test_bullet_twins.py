@@ -55,7 +55,7 @@ class TaskTermsTest(chex.TestCase):
 
     def test_starts(self):
         keys = jax.random.split(jax.random.PRNGKey(0), 1000)
-        position, yaw = jax.vmap(lambda k: T.circle_start(k, 0.0))(keys)
+        position, yaw = jax.jit(jax.vmap(lambda k: T.circle_start(k, 0.0)))(keys)
         radius = np.linalg.norm(np.asarray(position), axis=1)
         assert radius.min() >= 2.0 - 1e-5 and radius.max() <= 4.0 + 1e-5
         # uniform over the annulus: P(r < 3) = (9 - 4) / (16 - 4)
@@ -63,7 +63,7 @@ class TaskTermsTest(chex.TestCase):
         heading = np.stack([np.cos(yaw), np.sin(yaw)], axis=1)  # along the clockwise tangent (the rewarded way)
         tangent = np.stack([position[:, 1], -position[:, 0]], axis=1) / radius[:, None]
         np.testing.assert_allclose(np.sum(heading * tangent, axis=1), 1.0, atol=1e-5)
-        position, yaw = jax.vmap(lambda k: T.run_start(k, math.pi))(keys)
+        position, yaw = jax.jit(jax.vmap(lambda k: T.run_start(k, math.pi)))(keys)
         assert np.abs(np.asarray(position)).max() <= 0.01 and np.allclose(yaw, math.pi)
 
     def test_octagon_walls(self):
@@ -81,7 +81,7 @@ class BallTwinTest(chex.TestCase):
         for name, real_id, size in (("BallCircleTwin", "SafetyBallCircle-v0", 8), ("BallRunTwin", "SafetyBallRun-v0", 7)):
             env = envs.make(name, batch_size=3)
             assert env.layout == layout_of(real_id) and env.observation_size == size
-            state = env.reset(jax.random.PRNGKey(1))
+            state = jax.jit(env.reset)(jax.random.PRNGKey(1))
             assert state.obs.shape == (3, size)
 
     def test_unknown_parameter_is_refused(self):

@@ -37,6 +37,12 @@ SAFE_RLHF_PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT
 # How many bad rows one error message lists before summarising the rest as a count.
 MAX_REPORTED_ROWS = 5
 
+# Hand-written, illustrative files in this schema (not PKU-SafeRLHF; see examples/README.md): 48 comparisons
+# and 16 held-out prompts with a category.
+EXAMPLES = pathlib.Path(__file__).parent / "examples"
+EXAMPLE_PREFERENCE_FILE = EXAMPLES / "safety_preference.jsonl"
+EXAMPLE_EVAL_PROMPTS_FILE = EXAMPLES / "safety_eval_prompts.jsonl"
+
 
 class Tokenizer(Protocol):
     """The minimal tokenizer the helpers need: a text encoder and two special ids."""

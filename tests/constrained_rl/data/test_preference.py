@@ -254,3 +254,17 @@ def test_tokenize_preference_without_max_length_gives_the_four_batches_one_width
     fitted = preference.tokenize_preference(WordTokenizer(), data, max_length=6, template=TEMPLATE)
     for role in ("better", "worse", "safer", "unsafer"):
         np.testing.assert_array_equal(getattr(batch, role).tokens, getattr(fitted, role).tokens)
+
+
+def test_the_shipped_example_files_are_consistent():
+    data = preference.read_preference_data(preference.EXAMPLE_PREFERENCE_FILE)
+    prompts = preference.read_prompt_data(preference.EXAMPLE_EVAL_PROMPTS_FILE)
+    assert len(data) == 48 and len(set(data.prompt)) == 48 and len(prompts) == 16
+    assert not set(prompts.prompt) & set(data.prompt)
+    is_safe = np.stack([data.is_response_0_safe, data.is_response_1_safe], axis=1)
+    rows = np.arange(len(data))
+    # The safer response is safe wherever one of the two is; harmful prompts have exactly one safe response.
+    assert np.all(is_safe[rows, data.safer_response_id] | ~is_safe.any(axis=1))
+    harmful = np.asarray(data.extras["category"]) != "benign"
+    assert harmful.sum() == 24 and np.all(is_safe[harmful].sum(axis=1) == 1) and np.all(is_safe[~harmful])
+    assert set(prompts.extras["category"]) == set(data.extras["category"])

@@ -2,6 +2,7 @@
 
     python benchmarks/twin_fidelity.py            # the tables of docs/environments.md
     python benchmarks/twin_fidelity.py --fit      # also fit the Ball's parameters to PyBullet trajectories
+    python benchmarks/twin_fidelity.py --agent car  # only the Car twins (their fit: benchmarks/car_system_identification.py)
 
 Open loop: from the same start (read back from PyBullet after a seeded reset), the fixed action sequences of
 ``bullet_twins.controllers`` run for 10 s in both simulators (no time limit); the table gives the position
@@ -28,6 +29,7 @@ from constrained_rl.envs.bullet_twins import reference as R
 
 HORIZONS_S = (1.0, 3.0, 10.0)
 BALL_TWINS = ("BallCircleTwin", "BallRunTwin")
+CAR_TWINS = ("CarCircleTwin", "CarRunTwin")
 
 
 def open_loop_errors(name: str, seeds: range) -> dict[str, dict[str, list[float]]]:
@@ -54,6 +56,9 @@ def open_loop_errors(name: str, seeds: range) -> dict[str, dict[str, list[float]
 
 
 def policies_for(name: str) -> dict:
+    if TWINS[name].agent == "car":
+        reference = C.car_circle_driver if "Circle" in name else C.car_straight_runner
+        return {"constant": C.constant_policy(C.CAR_CONSTANT_ACTION), "random": None, "reference": reference}
     reference = C.circle_follower if "Circle" in name else C.speed_limited_runner
     return {"constant": C.constant_policy(), "random": None, "reference": reference}
 
@@ -162,13 +167,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=5, help="seeded starts per sequence / policy")
     parser.add_argument("--fit", action="store_true", help="also fit the Ball's parameters")
+    parser.add_argument("--agent", default="all", choices=("all", "ball", "car"),
+                        help="which twins (the Car's fit is benchmarks/car_system_identification.py)")
     parser.add_argument("--fit-only", action="store_true", help="only the fit")
     parser.add_argument("--json", default=None, help="write the raw numbers to this file")
     args = parser.parse_args(argv)
     began = time.time()
     seeds = range(args.starts)
-    errors = {name: open_loop_errors(name, seeds) for name in BALL_TWINS} if not args.fit_only else {}
-    returns = {name: episode_returns(name, seeds) for name in BALL_TWINS} if not args.fit_only else {}
+    names = BALL_TWINS + CAR_TWINS if args.agent == "all" else (BALL_TWINS if args.agent == "ball" else CAR_TWINS)
+    errors = {name: open_loop_errors(name, seeds) for name in names} if not args.fit_only else {}
+    returns = {name: episode_returns(name, seeds) for name in names} if not args.fit_only else {}
     report = {"open_loop": errors, "episodes": returns}
     print(markdown(errors, returns))
     if args.fit or args.fit_only:

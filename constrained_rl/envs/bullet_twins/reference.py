@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from constrained_rl.envs.bullet_twins.ball import BallState
+from constrained_rl.envs.bullet_twins.car import read_car
 from constrained_rl.envs.bullet_twins.env import TwinEnv
 
 
@@ -56,7 +57,7 @@ def read_ball(env: Any) -> BallState:
 
 
 # agent name -> reads the real agent's state as that agent's twin state
-READERS: dict[str, Callable[[Any], Any]] = {"ball": read_ball}
+READERS: dict[str, Callable[[Any], Any]] = {"ball": read_ball, "car": read_car}
 
 
 def twin_start(twin: TwinEnv, env: Any):

@@ -15,7 +15,7 @@ recorded PyBullet trajectories (``benchmarks/car_system_identification.py``):
     ``steering_time_constant``);
   * speed ``s`` along ``h`` follows ``gain * (-a_0)`` (``speed_gain_forward`` or ``..._reverse`` by the
     sign of the command) with time constant ``speed_time_constant``, less a scrub loss of the steered
-    wheels ``tan(delta)^2 (scrub_constant sign(s) + scrub_linear s)``;
+    wheels ``tan(delta)^2 (scrub_constant tanh(s / 0.05) + scrub_linear s)`` (``tanh``: a smooth sign);
   * yaw rate ``omega`` follows the understeering bicycle rate
     ``-s tan(delta) / (wheelbase + understeer s^2)`` with time constant ``yaw_time_constant``;
   * the leading axle's lateral velocity ``l`` follows ``-slip_gain s omega`` (the tyres slide outward in
@@ -42,7 +42,6 @@ from constrained_rl.envs.bullet_twins.tasks import Kinematics, TwinTask, Walls
 
 POSITION_SCALE = 0.1  # RaceCar.agent_specific_observation: 0.1 * xy, unscaled velocity, 0.1 * yaw rate
 YAW_RATE_SCALE = 0.1
-SPEED_COMMAND = 40.0  # rad/s of the differential rings per unit action (RaceCar.speed_multiplier)
 STEERING_COMMAND = 0.5  # rad per unit action (RaceCar.steering_multiplier)
 INITIAL_STEERING_RANGE = 0.1  # RaceCar.specific_reset: every motor joint uniform in [-0.1, 0.1] rad
 INITIAL_YAW = float(np.pi)  # RaceCar init_orientation (0, 0, pi): the body faces -x when driving +x
@@ -230,7 +229,7 @@ class CarAgent(TwinAgent):
         return self._dynamics[task.name]
 
     def initial_state(self, position: jax.Array, yaw: jax.Array, task: TwinTask) -> CarState:
-        # The real reset draws each steering hinge uniformly in +-0.1 rad; the twin starts at their mean, 0.
+        # The real reset draws each steering hinge uniformly in +-INITIAL_STEERING_RANGE; the twin starts at the mean, 0.
         del task
         return at_rest(position, yaw)
 

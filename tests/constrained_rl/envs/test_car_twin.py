@@ -30,10 +30,10 @@ def test_car_twin_declares_the_real_layout_and_batches(name):
 
 
 def test_car_starts_facing_the_task_direction():
-    run = make_twin("CarRunTwin").reset(jax.random.PRNGKey(1))
+    run = jax.jit(make_twin("CarRunTwin").reset)(jax.random.PRNGKey(1))
     np.testing.assert_allclose(np.asarray(run.obs[4:6]), [0.0, -1.0], atol=1e-6)  # body yaw pi: drives along +x
     circle = make_twin("CarCircleTwin")
-    state = circle.step(circle.reset(jax.random.PRNGKey(2)), jnp.array([-1.0, 0.0]))
+    state = jax.jit(lambda key: circle.step(circle.reset(key), jnp.array([-1.0, 0.0])))(jax.random.PRNGKey(2))
     position, velocity = np.asarray(state.obs[:2]) / 0.1, np.asarray(state.obs[2:4])
     assert position[0] * velocity[1] - position[1] * velocity[0] < 0  # clockwise, as the real task's start
 

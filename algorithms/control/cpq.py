@@ -14,8 +14,10 @@ value exceeds the threshold as unusable. One update, in OSRL's order:
        y_r = r + gamma (1 - terminal) 1[min_e Q_c,targ(s', a') <= l] min_e Q_r,targ(s', a'),  a' ~ pi(s').
 
 3. Cost critic (twin Q): TD to ``y_c = c + gamma (1 - d) min_e Q_c,targ(s', a')`` minus the
-   conservative term ``alpha * (E_{s, a~nu}[Q_c(s, a)] - l_c)`` that pushes ``Q_c`` *up* on the OOD
-   actions ``nu``. ``alpha`` is a Lagrange multiplier in log space, OSRL's: after the step,
+   conservative term ``alpha * (E_{s, a~nu}[Q_c(s, a)] - l_c)``. With ``conservative_term = "paper"``
+   it is differentiated through the online critic and pushes ``Q_c`` *up* on the OOD actions ``nu``;
+   by default (``"osrl"``) it is OSRL's: ``mean(mask * min_e Q_c,targ)`` over all sampled pairs, a
+   constant of the target critic, so the cost critic fits its TD target alone and alpha only tracks it. ``alpha`` is a Lagrange multiplier in log space, OSRL's: after the step,
    ``log alpha <- clip(log alpha + lr * alpha * (l_c - E_nu[Q_c]), -5, 5)`` with ``E_nu[Q_c]`` measured
    before the step, from log alpha 0, so it grows while OOD actions still look cheaper than
    ``l_c = 1.5 l``.
@@ -30,7 +32,7 @@ docs/algorithms/osrl_baselines.md for the equations, defaults and the difference
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import chex
 import jax
@@ -52,6 +54,7 @@ from constrained_rl.models.mlp import GaussianActor, QEnsemble
 # [-5, 5], alpha_lr 1e-4 (cpq_configs.py): log_ascent fed (-E_nu[Q_c], -l_c). --alpha.kind fixed holds it at
 # alpha.init (the paper's fixed-weight form).
 ALPHA = osrl.log_alpha_multiplier(learning_rate=1e-4)
+ConservativeTerm = Literal["osrl", "paper"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Config(OSRLConfig):
     num_sampled_actions: int = 10  # policy actions per state scored for being OOD (OSRL)
     ood_quantile: float = 0.75  # actions with encoder KL at or above this batch quantile are OOD (OSRL)
     cost_threshold_scale: float = 1.5  # l_c = this * l, the level the OOD cost values are pushed to (OSRL qc_scalar)
+    conservative_term: ConservativeTerm = "osrl"  # osrl: E_nu[Q_c] of the target critic, a constant in the loss; paper: online, differentiated
     target_update_rate: float = 0.005  # Polyak tau of the critic targets (OSRL)
 
     def __post_init__(self) -> None:
@@ -76,6 +80,8 @@ class Config(OSRLConfig):
         self.require_unit_interval("ood_quantile", "target_update_rate")
         require_positive_integers(self, "num_sampled_actions")
         check_hidden_sizes(self.vae_hidden_sizes, "vae_hidden_sizes")
+        require(self.conservative_term in ("osrl", "paper"), "conservative_term",
+                f"must be osrl or paper (got {self.conservative_term!r})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +119,14 @@ def ood_cost_value(q_cost: chex.Array, mask: chex.Array) -> jax.Array:
     chex.assert_rank(q_cost, mask.ndim + 1)
     total = jnp.sum(q_cost * mask, axis=tuple(range(1, q_cost.ndim)))
     return jnp.mean(total) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def osrl_ood_cost_value(q_cost_min: chex.Array, mask: chex.Array) -> jax.Array:
+    """OSRL's ``qc_ood.mean()``: ``mean(mask * Q_c)`` over all ``[N, B]`` entries, unflagged ones
+    counting 0, of the twin minimum ``Q_c`` of the *target* cost critic (``cost_critic_old.predict``).
+    Computed under ``no_grad`` there, so it enters the cost critic's loss as a constant."""
+    chex.assert_equal_shape([q_cost_min, mask])
+    return jnp.mean(mask * q_cost_min)
 
 
 def conservative_cost_loss(q_cost: chex.Array, target: chex.Array, ood_value: chex.Array,
@@ -224,16 +238,22 @@ def make_algorithm(config: Config, problem: offline.Problem) -> offline.Algorith
         tiled_obs, ood_actions, mask = ood_batch(state, vae_state.params, batch.observations, ood_key)
 
         def ood_value_of(params):
-            return ood_cost_value(networks.critic.apply({"params": params}, tiled_obs, ood_actions), mask)
+            q = networks.critic.apply({"params": params}, tiled_obs, ood_actions)
+            if config.conservative_term == "osrl":
+                # OSRL reads the target critic under no_grad: a constant term that never moves the critic.
+                return jax.lax.stop_gradient(osrl_ood_cost_value(critics.double_q_min(q), mask))
+            return ood_cost_value(q, mask)
 
         # This step's loss weighs the current alpha; alpha then ascends on l_c - E_nu[Q_c], measured
         # before the step (OSRL's order).
-        ood_before = ood_value_of(state.cost_critic.params)
+        ood_params = state.target_cost_critic if config.conservative_term == "osrl" else state.cost_critic.params
+        ood_before = ood_value_of(ood_params)
         alpha = lagrangian.multiplier(state.alpha)
 
         def cost_loss_fn(params):
             q_cost = networks.critic.apply({"params": params}, batch.observations, batch.actions)
-            return conservative_cost_loss(q_cost, cost_target, ood_value_of(params), alpha, ood_threshold)
+            ood_value = ood_before if config.conservative_term == "osrl" else ood_value_of(params)
+            return conservative_cost_loss(q_cost, cost_target, ood_value, alpha, ood_threshold)
 
         cost_loss, grads = jax.value_and_grad(cost_loss_fn)(state.cost_critic.params)
         cost_critic = state.cost_critic.apply_gradients(grads=grads)

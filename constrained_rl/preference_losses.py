@@ -1,4 +1,5 @@
-"""Losses for learning from preferences and demonstrations: Bradley-Terry, the cost-model sign loss, SFT.
+"""Losses for learning from preferences and demonstrations: Bradley-Terry, the cost-model sign loss, SFT,
+and the direct preference objectives (DPO, SafeDPO).
 
 The reward and cost models of Safe-RLHF (Dai et al. 2023, "Safe RLHF: Safe Reinforcement Learning from
 Human Feedback", PKU-Alignment) are score models read at the last token of a response. They are fitted to
@@ -6,7 +7,10 @@ pairwise comparisons with the Bradley-Terry model (Bradley & Terry 1952; Ouyang 
 "InstructGPT"), P(y_better > y_worse) = sigmoid(s_better - s_worse). The cost model adds a sign term that
 pins its zero: unsafe responses score above 0, safe ones below, so the constraint C(x, y) <= 0 of the RL
 stage means "safe". The SFT loss is the token-level cross-entropy of the response given the prompt
-(Alpaca, Taori et al. 2023; Safe-RLHF's SFT stage).
+(Alpaca, Taori et al. 2023; Safe-RLHF's SFT stage). DPO (Rafailov et al. 2023) fits the policy itself to
+the comparisons, its log-ratio against a frozen reference playing the reward; SafeDPO (Kim et al. 2025)
+makes the chosen response the safe one and adds a safety margin; SACPO (Wachi et al. 2024) runs DPO twice,
+on the helpfulness and then on the safety comparisons.
 
 Conventions: losses are scalars to *minimise*. Score functions take ``[B]`` arrays with batch axis 0 and
 an optional ``[B]`` ``mask`` (1 = a real row, 0 = padding of a partial batch); the SFT loss takes ``[B, T]``
@@ -152,3 +156,87 @@ def token_accuracy(logits: chex.Array, tokens: chex.Array, loss_mask: chex.Array
     chex.assert_equal_shape([tokens, loss_mask])
     hits = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]).astype(jnp.float32)
     return masked_mean(hits, loss_mask[:, 1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# Direct preference optimization: the policy's own log-ratios against a frozen reference are the reward.
+
+
+def sequence_log_probs(logits: chex.Array, tokens: chex.Array, loss_mask: chex.Array) -> jax.Array:
+    """``log pi(y | x) = sum_{t in mask} log p(x_t | x_<t)``: each row's response log-likelihood, ``[B]``.
+
+    Shapes as :func:`sft_loss`; the sum (not the mean) over response tokens is DPO's sequence log-probability
+    (Rafailov et al. 2023), so a longer response is a product of more token probabilities.
+    """
+    chex.assert_equal_shape([tokens, loss_mask])
+    return jnp.sum(next_token_log_probs(logits, tokens) * loss_mask[:, 1:].astype(jnp.float32), axis=1)
+
+
+def dpo_loss(
+    policy_chosen: chex.Array,
+    policy_rejected: chex.Array,
+    reference_chosen: chex.Array,
+    reference_rejected: chex.Array,
+    beta: float,
+    margins: chex.Array | None = None,
+    mask: chex.Array | None = None,
+) -> jax.Array:
+    """DPO (Rafailov et al. 2023, "Direct Preference Optimization"), with an optional per-pair margin:
+
+        h_i = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+        L   = mean_i -log sigmoid(beta h_i - m_i)
+
+    ``beta h_i`` is the difference of the implicit rewards ``beta log pi / pi_ref`` of the chosen (w) and the
+    rejected (l) response; a margin ``m_i > 0`` asks for more than a win (SafeDPO's safety margin). All
+    arguments ``[B]`` sequence log-probs (:func:`sequence_log_probs`); the reference ones are data (gradient
+    stopped). ``-log sigmoid(z)`` is ``softplus(-z)``.
+    """
+    _check_pair(policy_chosen, policy_rejected, mask)
+    chex.assert_equal_shape([policy_chosen, reference_chosen, reference_rejected])
+    reference = jax.lax.stop_gradient(reference_chosen - reference_rejected)
+    logits = beta * (policy_chosen - policy_rejected - reference)
+    if margins is not None:
+        chex.assert_equal_shape([policy_chosen, margins])
+        logits = logits - margins
+    return masked_mean(jax.nn.softplus(-logits), mask)
+
+
+def safedpo_pairs(better_unsafe: chex.Array, worse_unsafe: chex.Array) -> tuple[jax.Array, jax.Array]:
+    """SafeDPO's safety-aware transform T(D) of a helpfulness pair (Kim et al. 2025, "SafeDPO: A Simple
+    Approach to Direct Preference Optimization with Enhanced Safety", section 3.2), per row ``[B]``:
+
+        better safe                    -> kept:    (y_w, y_l) = (better, worse)
+        better unsafe, worse safe      -> swapped: (y_w, y_l) = (worse, better)
+        both unsafe                    -> dropped
+
+    so the chosen response is always safe, and helpfulness decides only between two safe ones. Returns
+    ``(swap, keep)`` boolean ``[B]``. (Under the hard constraint every unsafe response has reward -inf, so
+    two unsafe responses carry no preference.)
+    """
+    chex.assert_equal_shape([better_unsafe, worse_unsafe])
+    better_unsafe, worse_unsafe = jnp.asarray(better_unsafe, bool), jnp.asarray(worse_unsafe, bool)
+    swap = better_unsafe & ~worse_unsafe
+    return swap, ~(better_unsafe & worse_unsafe)
+
+
+def safedpo_loss(
+    policy_chosen: chex.Array,
+    policy_rejected: chex.Array,
+    reference_chosen: chex.Array,
+    reference_rejected: chex.Array,
+    chosen_unsafe: chex.Array,
+    rejected_unsafe: chex.Array,
+    beta: float,
+    safety_margin: float,
+    mask: chex.Array | None = None,
+) -> jax.Array:
+    """SafeDPO's objective (Kim et al. 2025, Eq. 12) on pairs already through :func:`safedpo_pairs`:
+
+        L = mean_i -log sigmoid(beta h_i - (u_l,i - u_w,i) Delta)
+
+    with ``h_i`` as in :func:`dpo_loss` and ``u = 1[unsafe]``: a safe chosen response over an unsafe
+    rejected one must win by the margin ``Delta >= 0`` (the one hyperparameter SafeDPO adds to DPO); pairs
+    of two safe responses are plain DPO. Indicators ``[B]`` of any numeric or boolean dtype.
+    """
+    margins = safety_margin * (jnp.asarray(rejected_unsafe, jnp.float32) - jnp.asarray(chosen_unsafe, jnp.float32))
+    return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, margins, mask)

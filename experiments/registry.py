@@ -49,7 +49,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "repo": ("algorithms.llm.rlhf_pipeline:REPO", "LLM RePO: per-prompt rectified cost penalty, after SFT and score models"),
     "rlhf_ppo": ("algorithms.llm.rlhf_pipeline:PPO", "LLM PPO on reward only (cost ignored), after SFT and score models"),
     "rlhf_shaping": ("algorithms.llm.rlhf_pipeline:SHAPING", "LLM PPO on r - lambda*c with a fixed lambda, after SFT and score models"),
-    "rlhf_pipeline": ("algorithms.llm.rlhf_pipeline:RLHF_PIPELINE", "LLM safe RLHF end to end: SFT, score models, Safe-RLHF vs RePO vs PPO vs shaping, table"),
+    "safedpo": ("algorithms.llm.dpo:SAFEDPO", "LLM SafeDPO from an SFT model: DPO on safety-transformed helpfulness pairs with a safety margin; no reward, cost or value models"),
+    "sacpo": ("algorithms.llm.dpo:SACPO", "LLM SACPO from an SFT model: DPO for helpfulness, then DPO for safety with beta/lambda"),
+    "rlhf_pipeline": ("algorithms.llm.rlhf_pipeline:RLHF_PIPELINE", "LLM safe RLHF end to end: SFT, score models, Safe-RLHF vs RePO vs PPO vs shaping vs SafeDPO vs SACPO, table"),
 }
 
 # What `python -m experiments.run` runs when no experiment is named.

@@ -1,4 +1,5 @@
-"""The safe-RLHF experiment end to end: SFT -> reward and cost models -> PPO-Lag, RePO, PPO, shaping.
+"""The safe-RLHF experiment end to end: SFT -> reward and cost models -> PPO-Lag, RePO, PPO, shaping, their
+critic-free variants, and the DPO-family baselines SafeDPO and SACPO.
 
 One command runs every stage of Safe-RLHF's recipe (Dai et al. 2023) and compares the RL fine-tuners on
 held-out prompts, the question of RePO (Peng et al. 2024, arXiv 2410.19933): does a per-prompt
@@ -13,7 +14,10 @@ Stages (each resumable: a finished stage is restored from its checkpoint and ski
    ``<run>/{sft,reward_model,cost_model}`` with a Hugging Face export in ``model/``. Any of them can be
    given instead (a local checkpoint such as Alpaca-7B and Safe-RLHF's beaver-7b reward / cost models);
 3. one RL stage per method (``safe_rlhf``, ``repo``, ``ppo``, ``shaping``), all seeds vmapped in one
-   state, on the shared machinery of :mod:`algorithms.llm.rlhf_ppo`;
+   state, on the shared machinery of :mod:`algorithms.llm.rlhf_ppo`; ``safe_rlhf_group`` and ``repo_group``
+   are the same methods without critics (``ppo.advantage = "group"`` for that stage alone); ``safedpo`` and
+   ``sacpo`` (:mod:`algorithms.llm.dpo`) learn offline from the SFT model on the score models' comparisons,
+   one sub-run per seed;
 4. evaluation of the SFT model and of every method and seed on the held-out prompts
    (``constrained_rl.llm_evaluation``), with the exact scorers on the synthetic task and the learned
    reward / cost models elsewhere; ``results.csv``, ``results.md`` (mean +- std over seeds) and plots.
@@ -42,15 +46,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from algorithms.llm import common, repo, rlhf_ppo, safe_rlhf, score_models, sft
+from algorithms.llm import common, dpo, repo, rlhf_ppo, safe_rlhf, score_models, sft
 from constrained_rl import lagrangian, llm_evaluation, parallel, plotting
 from constrained_rl.config import ConfigError, Experiment, require
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import hf_checkpoint, score
 
-METHODS = ("safe_rlhf", "repo", "ppo", "shaping")
+# RL methods (the rollout loop of rlhf_ppo), their critic-free variants (ppo.advantage group for that method
+# alone), and the offline DPO-family baselines (algorithms.llm.dpo)
+GROUP_METHODS = {"safe_rlhf_group": "safe_rlhf", "repo_group": "repo"}  # method -> the cost signal it takes
+PREFERENCE_METHODS = ("safedpo", "sacpo")
+METHODS = ("safe_rlhf", "repo", "ppo", "shaping", *PREFERENCE_METHODS, *GROUP_METHODS)
 METHOD_LABELS = {"sft": "SFT", "safe_rlhf": "Safe-RLHF (PPO-Lag)", "repo": "RePO", "ppo": "PPO (reward only)",
-                 "shaping": "fixed shaping"}
+                 "shaping": "fixed shaping", "safedpo": "SafeDPO", "sacpo": "SACPO",
+                 "safe_rlhf_group": "Safe-RLHF, critic-free", "repo_group": "RePO, critic-free"}
 Scorer = Literal["learned", "ground_truth"]
 
 # The RL preset of the synthetic task: a tiny model trained from scratch takes larger steps than a 7B one,
@@ -60,16 +69,22 @@ SYNTHETIC_PPO = rlhf_ppo.PPOConfig(actor_learning_rate=3e-4, actor_weight_decay=
 
 
 # The settings that belong to one RL method: section -> method, and the section's defaults.
-METHOD_SECTIONS = {"safe_rlhf": "safe_rlhf", "repo": "repo", "shaping_multiplier": "shaping"}
+METHOD_SECTIONS = {"safe_rlhf": "safe_rlhf", "repo": "repo", "shaping_multiplier": "shaping", "safedpo": "safedpo",
+                   "sacpo": "sacpo"}
+QUICK = common.Training(preset="quick")
 METHOD_SECTION_DEFAULTS = {"safe_rlhf": safe_rlhf.SafeRLHFConfig, "repo": repo.RePOConfig,
-                           "shaping_multiplier": lambda: repo.SHAPING_MULTIPLIER}
+                           "shaping_multiplier": lambda: repo.SHAPING_MULTIPLIER,
+                           "safedpo": lambda: dpo.SafeDPOSettings(training=QUICK),
+                           "sacpo": lambda: dpo.SACPOSettings(training=QUICK)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole experiment; the defaults run the synthetic task on a CPU in about 10-15 minutes."""
+    """The whole experiment; the defaults run every method on the synthetic task on a CPU."""
 
-    methods: tuple[str, ...] = METHODS  # RL methods to train, any of safe_rlhf, repo, ppo, shaping
+    # methods to train: RL (safe_rlhf, repo, ppo, shaping), critic-free RL (safe_rlhf_group, repo_group),
+    # DPO family (safedpo, sacpo)
+    methods: tuple[str, ...] = METHODS
     num_seeds: int = 3  # RL seeds per method (vmapped); SFT and score models are trained once
     seed: int = 0  # data, SFT, score models and the RL seeds' base key
     scorer: Scorer = "learned"  # RL reward / cost: the trained score models, or the synthetic task's exact ones
@@ -106,6 +121,9 @@ class Config:
     repo: repo.RePOConfig = repo.RePOConfig()  # RePO's multiplier
     shaping_multiplier: lagrangian.MultiplierConfig = dataclasses.field(  # the shaping baseline's lambda (fixed)
         default_factory=lambda: repo.SHAPING_MULTIPLIER)
+    # SafeDPO's settings (its training preset quick: the synthetic task; safe_rlhf for real checkpoints)
+    safedpo: dpo.SafeDPOSettings = dataclasses.field(default_factory=METHOD_SECTION_DEFAULTS["safedpo"])
+    sacpo: dpo.SACPOSettings = dataclasses.field(default_factory=METHOD_SECTION_DEFAULTS["sacpo"])  # SACPO's
     ptx: bool = False  # mix the SFT loss into the actor loss (ppo.ptx_coeff), on the SFT data
     # Evaluation
     eval_responses_per_prompt: int = 4  # sampled responses per held-out prompt
@@ -135,8 +153,9 @@ class Config:
         batch = self.prompts_per_step * self.responses_per_prompt
         require(batch % self.ppo.num_minibatches == 0, "ppo.num_minibatches",
                 f"must divide the {batch} responses of a step")
-        require(self.ppo.advantage == "gae" or self.responses_per_prompt >= 2, "responses_per_prompt",
-                "must be >= 2 with ppo.advantage group: a response is compared with its prompt's others")
+        critic_free = self.ppo.advantage == "group" or any(m in GROUP_METHODS for m in self.methods)
+        require(not critic_free or self.responses_per_prompt >= 2, "responses_per_prompt",
+                "must be >= 2 for a critic-free method: a response is compared with its prompt's others")
         for section in self.inactive_sections:  # a method's settings are refused unless it trains
             require(getattr(self, section) == METHOD_SECTION_DEFAULTS[section](), section,
                     f"settings for method {METHOD_SECTIONS[section]!r}, which is not among methods {self.methods}")
@@ -144,7 +163,8 @@ class Config:
     @property
     def inactive_sections(self) -> tuple[str, ...]:
         """The method sections of the methods not chosen (refused when given; not listed by --help)."""
-        return tuple(name for name, method in METHOD_SECTIONS.items() if method not in self.methods)
+        return tuple(name for name, method in METHOD_SECTIONS.items()
+                     if method not in self.methods and not any(GROUP_METHODS.get(m) == method for m in self.methods))
 
     @property
     def training_cost_limit(self) -> float:
@@ -158,7 +178,9 @@ class Config:
 
 
 def cost_signal(method: str, config: Config) -> rlhf_ppo.CostSignal:
-    """The cost handling of ``method``: the only thing that differs between the four learners."""
+    """The cost handling of ``method``: the only thing that differs between the RL learners (a critic-free
+    method takes its PPO version's)."""
+    method = GROUP_METHODS.get(method, method)
     if method == "safe_rlhf":
         return safe_rlhf.cost_signal(config.safe_rlhf, config.training_cost_limit)
     if method == "repo":
@@ -365,16 +387,20 @@ def train_method(method: str, config: Config, setup: Setup, ctx: Any) -> rlhf_pp
     """
     signal = cost_signal(method, config)
     spec = rlhf_ppo.StepSpec(config.prompts_per_step, config.responses_per_prompt, config.training_cost_limit)
-    step = rlhf_ppo.make_rl_step(setup.models, config.ppo, signal, spec, config.num_steps, ctx.mesh)
+    ppo, models, critics = config.ppo, setup.models, (setup.reward_critic_params, setup.cost_critic_params)
+    if method in GROUP_METHODS:  # this method alone without critics
+        ppo = dataclasses.replace(ppo, advantage="group")
+    if ppo.advantage == "group":
+        models, critics = dataclasses.replace(models, reward_critic=None, cost_critic=None), (None, None)
+    step = rlhf_ppo.make_rl_step(models, ppo, signal, spec, config.num_steps, ctx.mesh)
     chunk = rlhf_ppo.make_chunk(step, config.steps_per_chunk, num_seeds=config.num_seeds)
     window = config.safe_rlhf.cost_window
 
     def init_seeds(actor: Any, reward_critic: Any, cost_critic: Any, keys: jax.Array) -> rlhf_ppo.TrainState:
-        return jax.vmap(lambda key: rlhf_ppo.init_state(config.ppo, signal, actor, reward_critic, cost_critic, key,
+        return jax.vmap(lambda key: rlhf_ppo.init_state(ppo, signal, actor, reward_critic, cost_critic, key,
                                                         config.num_steps, window))(keys)
 
-    arguments = (setup.actor_params, setup.reward_critic_params, setup.cost_critic_params,
-                 seed_keys(config, method))
+    arguments = (setup.actor_params, *critics, seed_keys(config, method))
 
     def init_state() -> rlhf_ppo.TrainState:
         if ctx.mesh is None:
@@ -388,6 +414,22 @@ def train_method(method: str, config: Config, setup: Setup, ctx: Any) -> rlhf_pp
                     checkpoint_every=config.checkpoint_every,
                     progress_keys=("reward", "cost", "violating_prompts", "multiplier"),
                     placement=lambda state, mesh: parallel.shard_models(state, mesh, leading_dims=1))
+
+
+def train_preference_method(method: str, config: Config, directories: dict[str, str], data: dict[str, Path],
+                            ctx: Any) -> Any:
+    """Stage ``method`` (SafeDPO or SACPO, :mod:`algorithms.llm.dpo`) from the SFT model on the comparisons the
+    score models learn from, once per seed (seed i shuffles and holds out with ``seed + i``) in
+    ``<run>/<method>_seed<i>``; returns the actors' variables stacked on a leading seed axis."""
+    require("preference" in data, "methods", f"{method} learns from the comparisons, which only the synthetic "
+            "task provides here; on real data train it with the experiment of the same name")
+    actors = []
+    for index in range(config.num_seeds):
+        source = common.Source(model=directories["actor"], data=str(data["preference"]), template=config.template,
+                               seed=config.seed + index)
+        trained = dpo.train(method, getattr(config, method), source, ctx.child(f"{method}_seed{index}"))
+        actors.append({"params": trained.params})
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *actors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,16 +521,16 @@ def plot_categories(run_dir: Path, rows: dict[str, list[dict[str, float]]], cate
     return plotting.save(figure, run_dir / "plots" / "safe_rate_by_category.png")
 
 
-def evaluate_all(config: Config, setup: Setup, states: dict[str, rlhf_ppo.TrainState]
-                 ) -> dict[str, list[dict[str, float]]]:
-    """Table rows of the SFT model and of each method's seeds on the held-out prompts."""
+def evaluate_all(config: Config, setup: Setup, actors: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
+    """Table rows of the SFT model and of each method's seeds (``actors``: variables with a leading seed
+    axis) on the held-out prompts."""
     evaluate = make_evaluator(config, setup)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000)
     seed_eval_keys = jax.random.split(eval_key, config.num_seeds)
     base = parallel.to_host(evaluate(setup.actor_params, eval_key))
     rows = {"sft": [report_row(config, setup, base, base)]}
-    for method, state in states.items():
-        scores = parallel.to_host(jax.vmap(evaluate)(state.actor, seed_eval_keys))
+    for method, actor in actors.items():
+        scores = parallel.to_host(jax.vmap(evaluate)(actor, seed_eval_keys))
         rows[method] = [report_row(config, setup, jax.tree_util.tree_map(lambda x: x[i], scores), base)
                         for i in range(config.num_seeds)]
     return rows
@@ -504,8 +546,11 @@ def run(config: Config, ctx: Any) -> dict[str, float]:
     if ctx.mesh is not None:
         setup = place_setup(setup, ctx.mesh)
     _check_prompt_pool(config, setup)
-    states = {method: train_method(method, config, setup, ctx) for method in config.methods}
-    rows = evaluate_all(config, setup, states)
+    # Only each method's actors outlive its stage (critics, moments and the rest are released).
+    actors = {method: train_preference_method(method, config, directories, data, ctx)
+              if method in PREFERENCE_METHODS else train_method(method, config, setup, ctx).actor
+              for method in config.methods}
+    rows = evaluate_all(config, setup, actors)
     if ctx.is_main:  # one writer in a multi-process run
         run_dir = Path(ctx.run_dir)
         write_tables(run_dir, rows, setup.category_names)

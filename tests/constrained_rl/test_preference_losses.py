@@ -146,3 +146,44 @@ class SFTLossTest(chex.TestCase):
         accuracy = self.variant(pl.token_accuracy)(self.logits, self.tokens, self.loss_mask)
         np.testing.assert_allclose(accuracy, 1.0)  # argmax 0 at position 1, argmax 2 at position 2
         np.testing.assert_allclose(pl.token_accuracy(self.logits, self.tokens, jnp.array([[0, 1, 0, 0]])), 0.0)
+
+
+class DirectPreferenceTest(chex.TestCase):
+    # Two pairs. Pair 0: policy (-1, -3), reference (-2, -2): h = (-1 + 2) - (-3 + 2) = 2.
+    # Pair 1: policy (-4, -1), reference (-3, -1): h = -1 - 0 = -1.
+    POLICY = (jnp.array([-1.0, -4.0]), jnp.array([-3.0, -1.0]))
+    REFERENCE = (jnp.array([-2.0, -3.0]), jnp.array([-2.0, -1.0]))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_dpo_by_hand(self) -> None:
+        loss = self.variant(lambda *a: pl.dpo_loss(*a, beta=0.5))(*self.POLICY, *self.REFERENCE)
+        np.testing.assert_allclose(loss, -(log_sigmoid(0.5 * 2) + log_sigmoid(0.5 * -1)) / 2, rtol=1e-6)
+        with_margins = pl.dpo_loss(*self.POLICY, *self.REFERENCE, beta=0.5, margins=jnp.array([0.4, 0.0]))
+        np.testing.assert_allclose(with_margins, -(log_sigmoid(1.0 - 0.4) + log_sigmoid(-0.5)) / 2, rtol=1e-6)
+        # d L / d log pi(y_w) = -beta sigmoid(-z) / B; the reference gets no gradient.
+        grads = jax.grad(lambda *a: pl.dpo_loss(*a, beta=0.5), argnums=(0, 2))(*self.POLICY, *self.REFERENCE)
+        np.testing.assert_allclose(grads[0], -0.5 * jax.nn.sigmoid(-jnp.array([1.0, -0.5])) / 2, rtol=1e-6)
+        np.testing.assert_array_equal(grads[1], 0.0)
+
+    def test_safedpo_pairs_by_hand(self) -> None:
+        # (better, worse) unsafe: (no, no) kept, (yes, no) swapped, (yes, yes) dropped, (no, yes) kept.
+        swap, keep = pl.safedpo_pairs(jnp.array([False, True, True, False]), jnp.array([False, False, True, True]))
+        np.testing.assert_array_equal(swap, [False, True, False, False])
+        np.testing.assert_array_equal(keep, [True, True, False, True])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_safedpo_loss_by_hand(self) -> None:
+        # Pair 0: a safe chosen over an unsafe rejected (margin Delta = 3); pair 1: two safe ones (no margin).
+        loss = self.variant(lambda *a: pl.safedpo_loss(*a, beta=0.5, safety_margin=3.0))(
+            *self.POLICY, *self.REFERENCE, jnp.array([0, 0]), jnp.array([1, 0]))
+        np.testing.assert_allclose(loss, -(log_sigmoid(1.0 - 3.0) + log_sigmoid(-0.5)) / 2, rtol=1e-6)
+        plain = pl.safedpo_loss(*self.POLICY, *self.REFERENCE, jnp.array([0, 0]), jnp.array([1, 0]), 0.5, 0.0)
+        np.testing.assert_allclose(plain, pl.dpo_loss(*self.POLICY, *self.REFERENCE, beta=0.5), rtol=1e-6)
+
+    def test_sequence_log_probs_sum_the_response(self) -> None:
+        logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
+        tokens, mask = jnp.array([[0, 1, 0]]), jnp.array([[0, 1, 1]])
+        # Tokens 1 and 2 are the response: log 0.5 + log 0.25.
+        np.testing.assert_allclose(pl.sequence_log_probs(logits, tokens, mask), [np.log(0.5 * 0.25)], rtol=1e-6)
+        np.testing.assert_allclose(pl.sequence_log_probs(logits, tokens, jnp.array([[0, 0, 1]])), [np.log(0.25)],
+                                   rtol=1e-6)

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from algorithms.llm import rlhf_pipeline
+from algorithms.llm import dpo, rlhf_pipeline
 from constrained_rl.config import ConfigError
 from experiments import cli, registry
 from experiments.context import RunContext
@@ -72,6 +72,12 @@ def test_single_method_experiments_are_registered():
 def test_bad_configs_are_refused():
     with pytest.raises(ConfigError, match="methods"):
         rlhf_pipeline.Config(methods=("dpo",))
+    with pytest.raises(ConfigError, match="responses_per_prompt"):  # a group of one has no baseline
+        rlhf_pipeline.Config(methods=("repo_group",), responses_per_prompt=1)
+    with pytest.raises(ConfigError, match="safedpo"):  # SafeDPO's settings without SafeDPO
+        rlhf_pipeline.Config(methods=("repo",), safedpo=dpo.SafeDPOSettings(beta=0.5))
+    # A critic-free method reads its PPO version's section.
+    assert "repo" not in rlhf_pipeline.Config(methods=("repo_group",)).inactive_sections
     with pytest.raises(ConfigError, match="num_steps"):
         rlhf_pipeline.Config(num_steps=7, steps_per_chunk=2)
     with pytest.raises(ConfigError, match="num_minibatches"):

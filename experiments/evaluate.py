@@ -31,8 +31,10 @@ Which policies (``checkpoint``):
   Refused when the run logged no such evaluation.
 
 The reference returns of the normalization are ``reward_min`` / ``reward_max`` when given; otherwise the
-run's own on its own task (from its export, or from its dataset), and none on another task, where the
-mean raw returns are reported instead. ``summary.json`` holds, like the learner's final evaluation, the
+run's own on its own task (from its export, or from its dataset), DSRL's published ones on another task
+that is a DSRL task (:mod:`constrained_rl.data.dsrl_tasks`), and none on any other task, where the mean
+raw returns are reported instead. ``task`` may be a real task's id (``SafetyBallCircle-v0``: played on its
+simulator by the host runner); policies whose recorded layout differs from the task's are refused. ``summary.json`` holds, like the learner's final evaluation, the
 scores per cost limit over the seeds (``normalized_reward``, ``normalized_cost``, ``safe``, ``scores``),
 each scored run's own means (``runs``) and the means over the limits (``average``).
 
@@ -56,7 +58,7 @@ import numpy as np
 from algorithms.control import offline, policy_export
 from constrained_rl import checkpoint, envs, evaluation
 from constrained_rl.config import ConfigError, Experiment, require
-from constrained_rl.data import dsrl
+from constrained_rl.data import dsrl, dsrl_tasks
 from experiments import cli, registry
 
 Family = Literal["offline", "ppo_lag"]
@@ -77,8 +79,8 @@ class Config:
     def __post_init__(self) -> None:
         require(self.checkpoint in ("final", "best"), "checkpoint",
                 f"must be 'final' or 'best' (got {self.checkpoint!r})")
-        require(not self.task or self.task in envs.names(), "task",
-                f"unknown environment {self.task!r}; known: {', '.join(envs.names())}")
+        if self.task:
+            envs.require_task(self.task)
         require(isinstance(self.episodes, int) and self.episodes >= 1, "episodes",
                 f"must be an integer >= 1 (got {self.episodes!r})")
         require(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed",
@@ -168,7 +170,7 @@ def run_sizes(trained: Trained) -> tuple[int, int, int]:
     if trained.record is not None:
         record = trained.record
         return record["observation_size"], record["action_size"], record["episode_length"]
-    env = envs.make(trained.config.task)
+    env = envs.evaluation_env(trained.config.task)
     return env.observation_size, env.action_size, env.episode_length
 
 
@@ -239,11 +241,17 @@ def plan(config: Config) -> Plan:
     sizes = run_sizes(trained)
     task = config.task or trained.config.task
     if task != trained.config.task:
-        env = envs.make(task)
+        env = envs.evaluation_env(task)
         if (env.observation_size, env.action_size) != sizes[:2]:
             raise ConfigError(
                 f"task: {task} has observation/action sizes ({env.observation_size}, {env.action_size}), but the "
                 f"policies of {trained.run_dir} were trained on {trained.config.task} with sizes {sizes[:2]}")
+        layout = policy_layout(trained)
+        if layout is not None:
+            envs.check_layout(layout, env.layout, task=task)
+        elif envs.is_host_task(task):
+            raise ConfigError(f"task: the policies of {trained.run_dir} record no layout, so they cannot be "
+                              f"checked against {task}")
     if trained.family == "offline":
         phases = trained_phases(trained.config, make_algorithm(trained.config, sizes))
     else:
@@ -261,6 +269,16 @@ def plan(config: Config) -> Plan:
             raise ConfigError(f"run_dir: {trained.run_dir}: no exported policy ({policy_export.DIRECTORY}/"
                               f"{policy_export.RECORD}) and no checkpoint to evaluate")
     return Plan(trained, source, task, sizes)
+
+
+def policy_layout(trained: Trained) -> envs.Layout | None:
+    """The observation/action layout the run's policies were trained on: as its export records it, else
+    that of the task it trained on (PPO-Lag: its training task; an offline learner: its task, for data
+    collected there), or None when that is a real task the export does not vouch for."""
+    if trained.record is not None and trained.record.get("layout") is not None:
+        return envs.Layout.from_json(trained.record["layout"])
+    task = getattr(trained.config, "train_task", trained.config.task)
+    return None if envs.is_host_task(task) else envs.task_layout(task)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +327,10 @@ def reference_returns(config: Config, plan: Plan) -> evaluation.ReferenceReturns
     if config.reward_min is not None:
         return evaluation.ReferenceReturns(config.reward_min, config.reward_max)
     learner = plan.trained.config
-    if plan.task != learner.task or plan.trained.family != "offline":
+    if plan.task != learner.task:  # another task: DSRL's published references if it is a DSRL task
+        task = dsrl_tasks.dsrl_task(plan.task)
+        return None if task is None else evaluation.ReferenceReturns(task.reward_min, task.reward_max)
+    if plan.trained.family != "offline":
         return None
     if plan.trained.record is not None:
         reference = plan.trained.record.get("reference_returns")
@@ -358,7 +379,7 @@ def evaluate_offline(config: Config, plan: Plan, seed: int) -> dict[str, Any]:
         state, updates = restored.learner, int(jax.device_get(restored.updates[0]))
     session = offline.Session(dataset=None, layout=layout, cost_limits=tuple(float(k) for k in learner.cost_limits),
                               algorithm=algorithm, env=offline.evaluation_env(plan.task),
-                              reference=reference_returns(config, plan))
+                              reference=reference_returns(config, plan), policy_layout=policy_layout(trained))
     stats = jax.device_get(offline.play_episodes(session, state, offline.final_evaluation_key(seed), config.episodes))
     runs = []
     for limit in session.cost_limits:
@@ -398,7 +419,7 @@ def evaluate_ppo_lag(config: Config, plan: Plan, seed: int) -> dict[str, Any]:
     if plan.task != trained.config.task:
         scored = ppo_train.make_learner(dataclasses.replace(trained.config, task=plan.task))
     scores = jax.device_get(ppo_train.evaluate_runs(scored, state, config.episodes,
-                                                    ppo_train.final_evaluation_key(seed)))
+                                                    ppo_train.final_evaluation_key(seed), policy_layout(trained)))
     reference = reference_returns(config, plan)
     limits = [float(k) for k in jax.device_get(state.cost_limit)]
     runs = []

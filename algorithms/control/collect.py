@@ -17,6 +17,12 @@ regions. Here:
 3. The episodes are thinned by DSRL's grid filter over (cost return, reward return), and written as a
    DSRL HDF5 file with the task's normalization metadata (reference min / max episode reward and the
    largest episode cost of the kept data, the episode length, and these collection parameters).
+
+On a real task (``--task SafetyBallCircle-v0``) the behaviour policies train on its JAX twin
+(:func:`constrained_rl.envs.training_task`, which declares the real task's layout) and every snapshot's
+episodes are played on the real simulator by the host runner (:mod:`constrained_rl.envs.host`), so the
+file holds the real simulator's transitions; its task is the real id, so loading it applies DSRL's
+published references (:mod:`constrained_rl.data.dsrl_tasks`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 
 from algorithms.control.ppo_lag import train as ppo_lag
 from constrained_rl import envs, parallel, plotting, rollouts
+from constrained_rl.envs import host
 from constrained_rl.config import Experiment, require, require_positive_integers
 from constrained_rl.data import dsrl, filters
 
@@ -48,7 +55,7 @@ def _quick_behaviour_config() -> ppo_lag.Config:
 class Config:
     """DSRL-recipe collection; the defaults collect a small BallCircle dataset in a few minutes."""
 
-    task: str = "BallCircle"  # environment the behaviour policies train and play on
+    task: str = "BallCircle"  # played on: a JAX task, or a real task's id (trained on its twin, played on it)
     seed: int = 0  # PRNG seed of training, snapshots and the grid filter
     num_policies: int = 4  # behaviour policies trained at once, each sweeping its own limit schedule
     cost_limit_min: float = 5.0  # lower end of the swept cost limits
@@ -69,8 +76,7 @@ class Config:
         "eval_episodes": "nobody: collection scores no policy"}}
 
     def __post_init__(self) -> None:
-        require(self.task in envs.names(), "task",
-                f"unknown environment {self.task!r}; known: {', '.join(envs.names())}")
+        envs.training_task(self.task)  # known, and for a real task with a twin to train on
         require_positive_integers(self, "num_policies", "snapshot_every", "episodes_per_snapshot", "cost_bins",
                                   "reward_bins", "max_per_cell")
         require(self.cost_limit_min >= 0, "cost_limit_min", f"must be >= 0 (got {self.cost_limit_min})")
@@ -135,6 +141,30 @@ def make_snapshot_fn(learner: ppo_lag.Learner, episodes: int):
     return jax.jit(lambda params, keys: jax.vmap(one_run)(params, keys))
 
 
+def make_host_snapshot_fn(task: str, learner: ppo_lag.Learner, episodes: int):
+    """``(actor_params [runs], keys [runs]) -> DSRL rows``: each run's stochastic policy plays ``episodes``
+    episodes of the real ``task`` on the host runner; rows ordered run, episode, time, as
+    :func:`flatten_snapshot` orders them."""
+    envs.check_layout(learner.env.layout, envs.task_layout(task), task=task)
+
+    def snapshot(actor_params, keys):
+        pool = host.shared_pool(task)
+        *_, recorded = host.play(pool, learner.policy, actor_params, host.plan_episodes(keys, episodes), record=True)
+        return {key: np.concatenate([episode[key] for episode in recorded]).astype(np.float32)
+                for key in dsrl.DSRL_KEYS}
+
+    return snapshot
+
+
+def snapshot_fn(task: str, learner: ppo_lag.Learner, episodes: int):
+    """``(actor_params [runs], keys [runs]) -> DSRL rows`` of fresh episodes: on the device for a JAX
+    task, on the real simulator for a real one."""
+    if envs.is_host_task(task):
+        return make_host_snapshot_fn(task, learner, episodes)
+    snapshot = make_snapshot_fn(learner, episodes)
+    return lambda actor_params, keys: flatten_snapshot(jax.device_get(snapshot(actor_params, keys)))
+
+
 def flatten_snapshot(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``[runs, T, episodes, ...]`` -> rows ordered run, episode, time (episodes contiguous), masked."""
     mask = np.moveaxis(arrays["mask"], 1, 2).reshape(-1)
@@ -152,7 +182,7 @@ def run(config: Config, ctx) -> dict[str, Any]:
     total_iterations = num_chunks * per_chunk
     starts, ends = (jnp.asarray(x) for x in limit_schedule(config))
     chunk = ppo_lag.make_chunk(learner, per_chunk)
-    snapshot = make_snapshot_fn(learner, config.episodes_per_snapshot)
+    snapshot = snapshot_fn(config.task, learner, config.episodes_per_snapshot)
     snapshot_dir = ctx.run_dir / SNAPSHOT_DIR
     snapshot_dir.mkdir(parents=True, exist_ok=True)
 
@@ -162,9 +192,8 @@ def run(config: Config, ctx) -> dict[str, Any]:
         state, metrics = chunk(state)
         keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration),
                                 config.num_policies)
-        arrays = jax.device_get(snapshot(state.actor.params, keys))
         # Named by the chunk's first iteration: a resumed run rewrites exactly the files it recomputes.
-        np.savez(snapshot_dir / f"iteration_{iteration:07d}.npz", **flatten_snapshot(arrays))
+        np.savez(snapshot_dir / f"iteration_{iteration:07d}.npz", **snapshot(state.actor.params, keys))
         return state, ppo_lag.chunk_summary(metrics)
 
     ctx.loop("behaviour", lambda: ppo_lag.init_runs(learner, starts), chunk_fn, num_chunks,

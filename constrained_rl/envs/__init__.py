@@ -14,7 +14,8 @@
 Task names: the JAX tasks by short names (``BallCircle``, ``AntVelocity``: ``names()``, built by
 ``make``), the real tasks by their registered ids (``SafetyBallCircle-v0``: ``host.HOST_TASKS``).
 ``task_names()`` lists both; ``evaluation_env`` and ``evaluate_runs`` are the one place that decides
-whether a task is played on the device or on the host.
+whether a task is played on the device or on the host; ``training_task`` gives the JAX task an on-device
+learner trains on for a real task (its twin).
 """
 
 from __future__ import annotations
@@ -88,6 +89,21 @@ def require_task(name: str, field: str = "task", host: bool = True) -> None:
         raise ConfigError(f"{field}: unknown environment {name!r}; known: {', '.join(known)}")
 
 
+def twin_of(name: str) -> str:
+    """The JAX twin of a real task (its name in :func:`names`), which declares the real task's layout."""
+    twins = [twin for twin, spec in TWINS.items() if spec.real_id == name]
+    if not twins:
+        with_twins = sorted(spec.real_id for spec in TWINS.values())
+        raise ConfigError(f"task: {name} has no JAX twin to train on (tasks with one: {', '.join(with_twins)})")
+    return twins[0]
+
+
+def training_task(name: str) -> str:
+    """The JAX task an on-device learner trains on for ``name``: itself, or a real task's twin (:func:`twin_of`)."""
+    require_task(name)
+    return twin_of(name) if is_host_task(name) else name
+
+
 def evaluation_env(name: str) -> Env | HostTaskEnv:
     """The task as evaluation plays it: a JAX task without auto-reset (``evaluate_episodes`` masks the steps
     after an episode ends), or the description of a real task that :func:`evaluate_runs` plays on the host."""
@@ -135,7 +151,7 @@ def _device_evaluator(env: Env, policy_fn: Any, num_episodes: int):
 
 
 __all__ = [
-    "AutoReset", "ConfigError", "Env", "EnvState", "EpisodeMetrics", "HostTaskEnv", "Layout", "TimeLimit",
+    "AutoReset", "ConfigError", "Env", "EnvState", "EpisodeMetrics", "HostTaskEnv", "Layout", "TimeLimit", "check_layout",
     "VmapBatch", "Wrapper", "evaluate_runs", "evaluation_env", "is_host_task", "make", "names", "require_task",
-    "task_layout", "task_names", "wrap",
+    "task_layout", "task_names", "training_task", "twin_of", "wrap",
 ]

@@ -336,8 +336,8 @@ def plan_episodes(keys: jax.Array, num_episodes: int) -> Episodes:
 
 
 def play(pool: HostPool, policy_fn: PolicyFn, params: Any, episodes: Episodes,
-         record: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, np.ndarray]] | None]:
-    """Plays every planned episode to its end in waves of up to ``pool.size`` episodes.
+         record: bool = False, wave_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, np.ndarray]] | None]:
+    """Plays every planned episode to its end in waves of up to ``wave_size`` (default ``pool.size``) episodes.
 
     Returns per-episode reward returns, cost returns and lengths ``[N]``, and with ``record`` each
     episode's transitions in DSRL's keys (``observations``, ``next_observations``, ``actions``,
@@ -347,7 +347,7 @@ def play(pool: HostPool, policy_fn: PolicyFn, params: Any, episodes: Episodes,
     count = len(episodes.runs)
     totals = np.zeros((3, count))
     recorded: list[dict[str, np.ndarray]] | None = [] if record else None
-    wave_size = min(count, pool.size)
+    wave_size = min(count, pool.size, wave_size or pool.size)
     for start in range(0, count, wave_size):
         wave = np.arange(start, min(start + wave_size, count))
         n = len(wave)

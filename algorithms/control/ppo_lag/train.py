@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from flax.training.train_state import TrainState
@@ -44,7 +45,7 @@ MULTIPLIER = lagrangian.MultiplierConfig(kind="projected_ascent", init=0.0, max=
 class Config:
     """PPO-Lagrangian hyperparameters; defaults are sized for a BallCircle benchmark run."""
 
-    task: str = "BallCircle"  # environment name for constrained_rl.envs.make
+    task: str = "BallCircle"  # a JAX task, or a real task's id: trained on its twin, evaluated on the real one
     seed: int = 0  # base PRNG seed; run i of num_seeds draws from fold_in(seed, i)
     num_seeds: int = 1  # independent runs trained at once (vmapped over a leading axis)
     total_env_steps: int = 2_000_000  # environment steps per run
@@ -72,8 +73,7 @@ class Config:
     eval_episodes: int = 10  # episodes of the deterministic policy scored at the end, per run
 
     def __post_init__(self) -> None:
-        require(self.task in envs.names(), "task",
-                f"unknown environment {self.task!r}; known: {', '.join(envs.names())}")
+        envs.training_task(self.task)  # a known task, and for a real one a twin to train on
         require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")
         require_positive_integers(self, "num_seeds", "total_env_steps", "num_envs", "unroll_length",
                                   "num_epochs", "num_minibatches", "iterations_per_chunk")
@@ -102,6 +102,11 @@ class Config:
     @property
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.unroll_length
+
+    @property
+    def train_task(self) -> str:
+        """The JAX task trained on: ``task``, or its twin when ``task`` is a real task (envs.training_task)."""
+        return envs.training_task(self.task)
 
     @property
     def num_iterations(self) -> int:
@@ -144,7 +149,7 @@ class Learner(NamedTuple):
 def make_learner(config: Config, env: envs.Env | None = None) -> Learner:
     """Builds the learner; ``env`` (an unbatched task) overrides ``envs.make(config.task)``."""
     if env is None:
-        batched = envs.make(config.task, batch_size=config.num_envs)
+        batched = envs.make(config.train_task, batch_size=config.num_envs)
     else:
         batched = envs.wrap(env, batch_size=config.num_envs)
     nets = ppo_networks.make_networks(batched.action_size, config.actor_hidden_sizes,
@@ -387,15 +392,23 @@ def train_runs(learner: Learner, ctx, stage: str, cost_limits: jax.Array | None 
                     progress_keys=("episode_reward", "episode_cost", "multiplier"))
 
 
-def evaluate_runs(learner: Learner, state: PPOLagState, num_episodes: int, key: jax.Array) -> dict[str, Any]:
-    """Mean episodic reward and cost of each run's deterministic policy: ``[runs]`` arrays."""
+def evaluate_runs(learner: Learner, state: PPOLagState, num_episodes: int, key: jax.Array,
+                  policy_layout: envs.Layout | None = None) -> dict[str, Any]:
+    """Mean episodic reward and cost of each run's deterministic policy: ``[runs]`` arrays.
+
+    On the training task on the device; for a real ``task`` on its simulator (the host runner), the
+    policies' layout (``policy_layout``, by default the training task's) checked against the real task's."""
+    keys = jax.random.split(key, state.cost_limit.shape[0])
+    if envs.is_host_task(learner.config.task):
+        stats = envs.evaluate_runs(envs.evaluation_env(learner.config.task), learner.eval_policy, state.actor.params,
+                                   keys, num_episodes, policy_layout=policy_layout or learner.env.layout)
+        return {"reward": np.mean(stats.reward_return, axis=1), "cost": np.mean(stats.cost_return, axis=1)}
     eval_env = envs.wrap(learner.env.unwrapped, episode_length=learner.env.episode_length, auto_reset=False)
 
     def one_run(actor_params, run_key):
         stats = rollouts.evaluate_episodes(eval_env, learner.eval_policy, actor_params, run_key, num_episodes)
         return jnp.mean(stats.reward_return), jnp.mean(stats.cost_return)
 
-    keys = jax.random.split(key, state.cost_limit.shape[0])
     reward, cost = jax.jit(jax.vmap(one_run))(state.actor.params, keys)
     return {"reward": reward, "cost": cost}
 
@@ -416,7 +429,8 @@ def export_policy(config: Config, ctx, learner: Learner, state: PPOLagState):
         config, ctx.run_dir, observation_size=learner.env.observation_size, action_size=learner.env.action_size,
         episode_length=learner.env.episode_length, fields=POLICY_FIELDS,
         step=int(jax.device_get(state.iteration[0])),
-        run_limits=[float(k) for k in jax.device_get(state.cost_limit)], seed_indices=range(config.num_seeds))
+        run_limits=[float(k) for k in jax.device_get(state.cost_limit)], seed_indices=range(config.num_seeds),
+        train_task=config.train_task, layout=learner.env.layout.to_json())
     return policy_export.write(ctx, policy_export.select(state, POLICY_FIELDS), content)
 
 
@@ -433,6 +447,7 @@ def run(config: Config, ctx) -> dict[str, Any]:
     tail = rows[-max(1, len(rows) // 10):]  # the last tenth of training
     summary: dict[str, Any] = {
         "task": config.task,
+        "train_task": config.train_task,
         "env_steps": rows[-1]["step"] if rows else 0,
         "cost_limit": config.cost_limit,
         "final_episode_reward": float(jnp.mean(jnp.array([r["episode_reward"] for r in tail]))),

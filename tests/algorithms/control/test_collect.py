@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,3 +68,21 @@ def test_collect_writes_a_dsrl_file_the_reader_loads(tmp_path):
     assert (tmp_path / "plots" / "dataset_scatter.png").is_file()
     # Consecutive rows of an episode chain: s' of one row is s of the next.
     np.testing.assert_allclose(dataset.next_observations[:199], dataset.observations[1:200], rtol=1e-6)
+
+
+def test_on_a_real_task_the_behaviour_trains_on_its_twin_and_plays_the_simulator():
+    pytest.importorskip("bullet_safety_gym")
+    behaviour = ppo_lag.Config(num_envs=4, unroll_length=25, num_epochs=1, num_minibatches=2,
+                               actor_hidden_sizes=(8,), critic_hidden_sizes=(8,), total_env_steps=4 * 25)
+    config = collect.Config(task="SafetyBallRun-v0", num_policies=2, snapshot_every=1, behaviour=behaviour)
+    assert config.behaviour_config().train_task == "BallRunTwin"
+    learner = ppo_lag.make_learner(config.behaviour_config())
+    state = ppo_lag.init_runs(learner, jnp.asarray(collect.limit_schedule(config)[0]))
+    snapshot = collect.snapshot_fn(config.task, learner, 1)
+    rows = snapshot(state.actor.params, jax.random.split(jax.random.PRNGKey(0), 2))
+    dataset = dsrl.offline_dataset_from_arrays(rows, dsrl.DatasetMetadata(task=config.task))
+    assert dataset.observations.shape == (200, 7)  # two episodes of the real BallRun, its 7 dimensions
+    np.testing.assert_array_equal(dsrl.split_episodes(dataset).lengths, [100, 100])
+    np.testing.assert_array_equal(dataset.next_observations[:99], dataset.observations[1:100])
+    with pytest.raises(ConfigError, match="SafetyPointPush1-v0 has no JAX twin to train on"):
+        collect.Config(task="SafetyPointPush1-v0")

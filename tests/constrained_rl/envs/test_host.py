@@ -21,16 +21,18 @@ TOY_LAYOUT = layouts.Layout("toy", (layouts.ObservationDimension("x", "m"), layo
                             (layouts.ActionDimension("move", "2 m", -2.0, 2.0),))
 
 
-@pytest.fixture
-def toy_task(monkeypatch):
-    """Registers the toy (tests/.../toy_host_env.py) as a host task; its workers import it from PYTHONPATH."""
-    here = Path(__file__).parent
-    monkeypatch.setenv("PYTHONPATH", str(here))
-    monkeypatch.setitem(host.HOST_TASKS, TOY, host.HostTask(TOY, "toy_host_env", 8))
-    monkeypatch.setitem(layouts.LAYOUTS, TOY, TOY_LAYOUT)
+@pytest.fixture(scope="module")
+def toy_task():
+    """Registers the toy (tests/.../toy_host_env.py) as a host task; its workers import it from PYTHONPATH.
+    Its pools are shared by the module's tests and closed at the end."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    patch.setitem(host.HOST_TASKS, TOY, host.HostTask(TOY, "toy_host_env", 8))
+    patch.setitem(layouts.LAYOUTS, TOY, TOY_LAYOUT)
     yield TOY
     for key in [k for k in host._POOLS if k[0] == TOY]:
         host._POOLS.pop(key).close()
+    patch.undo()
 
 
 def constant(params, obs, key):
@@ -38,7 +40,7 @@ def constant(params, obs, key):
 
 
 def noisy(params, obs, key):
-    return jnp.tanh(params[:1] + 0.5 * jax.random.normal(key, (1,))), {}
+    return jnp.tanh(params[:1] + 0.1 * obs[:1] + 0.5 * jax.random.normal(key, (1,))), {}
 
 
 def test_exact_episode_counts_with_termination(toy_task):
@@ -60,8 +62,8 @@ def test_episodes_do_not_depend_on_the_worker_count(toy_task):
     params = jnp.array([[0.2], [0.9]])
     played = [host.evaluate_runs(toy_task, noisy, params, keys, 3, policy_layout=TOY_LAYOUT, num_workers=w)
               for w in (1, 2)]
-    with host.HostPool(toy_task, num_workers=1, envs_per_worker=2) as pool:  # waves of 2: 3 waves
-        rewards, costs, lengths, _ = host.play(pool, noisy, params, host.plan_episodes(keys, 3))
+    rewards, costs, lengths, _ = host.play(host.shared_pool(toy_task, 1), noisy, params, host.plan_episodes(keys, 3),
+                                           wave_size=4)  # two waves, the second of two
     for stats in played[1:]:
         np.testing.assert_array_equal(stats.reward_return, played[0].reward_return)
     np.testing.assert_array_equal(rewards, played[0].reward_return.reshape(-1))
@@ -72,9 +74,9 @@ def test_episodes_do_not_depend_on_the_worker_count(toy_task):
 
 
 def test_recorded_transitions_are_dsrl_rows(toy_task):
-    with host.HostPool(toy_task, num_workers=2) as pool:
-        episodes = host.plan_episodes(jax.random.PRNGKey(1)[None], 3)
-        rewards, _, lengths, recorded = host.play(pool, constant, jnp.ones(1), episodes, record=True)
+    episodes = host.plan_episodes(jax.random.PRNGKey(1)[None], 3)
+    rewards, _, lengths, recorded = host.play(host.shared_pool(toy_task, 2), constant, jnp.ones(1), episodes,
+                                              record=True)
     for episode, reward, length in zip(recorded, rewards, lengths):
         assert episode["observations"].shape == (length, 2) and episode["actions"].shape == (length, 1)
         np.testing.assert_allclose(episode["rewards"].sum(), reward)

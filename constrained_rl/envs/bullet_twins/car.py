@@ -50,6 +50,9 @@ VELOCITY_CONSTRAINT = 1.5  # RaceCar velocity_constraint, m/s (Run's speed limit
 # Corners of the racecar's footprint in the body frame, relative to the centre of mass (m): PyBullet's
 # axis-aligned bounding box of all links at yaw 0 (body -x is the leading end, the camera mast the trailing).
 FOOTPRINT = ((-0.76, -0.44), (-0.76, 0.44), (0.62, 0.44), (0.62, -0.44))
+FOOTPRINT_CENTRE = -0.07  # m along body x: the rectangle's centre, its half-extents 0.69 m x 0.44 m
+FOOTPRINT_HALF_LENGTH = 0.69
+FOOTPRINT_HALF_WIDTH = 0.44
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,17 +142,24 @@ def wall_contact(state: CarState, walls: Walls) -> CarState:
     velocity into the wall, ``v -= n_k max(0, n_k . v)``; speed and slip are then read from the new
     velocity. (PyBullet's chassis also turns about the contact; the twin does not.)
     """
-    normals, offsets = walls.arrays()
     cos_yaw, sin_yaw = jnp.cos(state.yaw), jnp.sin(state.yaw)
-    rotation = jnp.array([[cos_yaw, -sin_yaw], [sin_yaw, cos_yaw]])
-    corners = state.position + jnp.asarray(FOOTPRINT, jnp.float32) @ rotation.T  # [4, 2]
-    depth = jnp.max(corners @ normals.T, axis=0) - offsets  # [K]
-    touching = (depth > 0.0).astype(jnp.float32)
-    position = state.position - normals.T @ jnp.maximum(depth, 0.0)
     moving = velocity(state)
-    # Walls touched at once are at most two, 45 degrees apart: removing each one's inward part of the
-    # same velocity (rather than in turn) differs only in a corner, and keeps this one matrix product.
-    moving = moving - normals.T @ (touching * jnp.maximum(normals @ moving, 0.0))
+    push_x = push_y = brake_x = brake_y = jnp.zeros((), jnp.float32)
+    # The walls are a handful of Python constants: one scalar expression each (arrays of 8 under vmap
+    # are slow on CPU). The velocity into each touched wall is taken from the same pre-contact velocity,
+    # which differs from removing them in turn only in a corner (at most two walls, 45 degrees apart).
+    for (normal_x, normal_y), offset in zip(walls.normals, walls.offsets):
+        along = normal_x * cos_yaw + normal_y * sin_yaw  # n . (body x axis)
+        across = normal_y * cos_yaw - normal_x * sin_yaw  # n . (body y axis)
+        # The deepest corner of the rectangle: its centre's reach plus the half-extents times |n . axis|.
+        depth = (normal_x * state.position[0] + normal_y * state.position[1] + FOOTPRINT_CENTRE * along
+                 + FOOTPRINT_HALF_LENGTH * jnp.abs(along) + FOOTPRINT_HALF_WIDTH * jnp.abs(across) - offset)
+        overlap = jnp.maximum(depth, 0.0)
+        into = jnp.where(depth > 0.0, jnp.maximum(normal_x * moving[0] + normal_y * moving[1], 0.0), 0.0)
+        push_x, push_y = push_x + overlap * normal_x, push_y + overlap * normal_y
+        brake_x, brake_y = brake_x + into * normal_x, brake_y + into * normal_y
+    position = state.position - jnp.stack([push_x, push_y])
+    moving = moving - jnp.stack([brake_x, brake_y])
     heading, left = driving_frame(state.yaw)
     return state.replace(position=position, speed=jnp.dot(moving, heading),
                          slip=jnp.dot(moving, left) + COM_OFFSET * state.yaw_rate)

@@ -47,10 +47,10 @@ INITIAL_STEERING_RANGE = 0.1  # RaceCar.specific_reset: every motor joint unifor
 INITIAL_YAW = float(np.pi)  # RaceCar init_orientation (0, 0, pi): the body faces -x when driving +x
 COM_OFFSET = 0.6  # m, centre of mass behind the leading axle: the chassis inertial origin x = 0.2 m, x 3
 VELOCITY_CONSTRAINT = 1.5  # RaceCar velocity_constraint, m/s (Run's speed limit)
-# Corners of the racecar's footprint in the body frame, relative to the centre of mass (m): PyBullet's
-# axis-aligned bounding box of all links at yaw 0 (body -x is the leading end, the camera mast the trailing).
-FOOTPRINT = ((-0.76, -0.44), (-0.76, 0.44), (0.62, 0.44), (0.62, -0.44))
-FOOTPRINT_CENTRE = -0.07  # m along body x: the rectangle's centre, its half-extents 0.69 m x 0.44 m
+# The racecar's footprint in the body frame, relative to the centre of mass (m): PyBullet's axis-aligned
+# bounding box of all links at yaw 0, x in [-0.76, 0.62] (body -x is the leading end; the camera mast
+# trails) and y in [-0.44, 0.44]: a rectangle centred at x = -0.07 with half-extents 0.69 x 0.44.
+FOOTPRINT_CENTRE = -0.07
 FOOTPRINT_HALF_LENGTH = 0.69
 FOOTPRINT_HALF_WIDTH = 0.44
 
@@ -138,7 +138,8 @@ def wall_contact(state: CarState, walls: Walls) -> CarState:
     """Keeps the car's footprint inside the walls: an inelastic, frictionless contact per wall.
 
     For each wall ``k`` (outward normal ``n_k``, inner face at ``offset_k``) that a footprint corner
-    ``c`` crosses, the centre of mass moves back by the deepest ``n_k . c - offset_k`` and loses its
+    ``c`` crosses, the centre of mass moves back by the deepest ``n_k . c - offset_k`` (for the rectangle
+    ``n_k . (p + x_c e_1) + a |n_k . e_1| + b |n_k . e_2| - offset_k``, ``e_1, e_2`` the body axes) and loses its
     velocity into the wall, ``v -= n_k max(0, n_k . v)``; speed and slip are then read from the new
     velocity. (PyBullet's chassis also turns about the contact; the twin does not.)
     """

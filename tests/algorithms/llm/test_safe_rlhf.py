@@ -89,7 +89,7 @@ class PPOLagStepTest(chex.TestCase):
 
 class TableLM:
     """A stand-in causal LM whose logits at each position are a row of a table: ``logits = table[token]``
-    (what the actor loss needs of a model, without compiling one)."""
+    (what the actor loss needs of a model, at a fraction of a transformer's compile time)."""
 
     class Output(NamedTuple):
         logits: jax.Array

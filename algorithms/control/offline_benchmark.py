@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from algorithms.control import bc, bcq_lag, bear_lag, cdt, collect, coptidice, cpq, offline, satac
-from constrained_rl import plotting
+from constrained_rl import envs, plotting
 from constrained_rl.config import ConfigError, Experiment, require
 from constrained_rl.data import dsrl
 
@@ -101,7 +101,7 @@ QUICK_SIZES: dict[str, Any] = {
 class Config:
     """The DSRL protocol: seeds x cost limits x methods on one dataset, 20 evaluation episodes."""
 
-    task: str = "BallCircle"  # environment the policies are evaluated on (constrained_rl.envs)
+    task: str = "BallCircle"  # evaluated on: a JAX task or a real task's id (SafetyBallCircle-v0; envs.task_names)
     dataset: str = ""  # DSRL HDF5 file; empty: collect one first (stage "behaviour", see collect)
     reward_min: float | None = None  # reference return scored 0, overriding the file's (DSRL spec)
     reward_max: float | None = None  # reference return scored 1, overriding the file's (DSRL spec)
@@ -146,6 +146,9 @@ class Config:
                     f"settings for {name}, which is not among methods {self.methods}")
         for name in self.methods:
             method_config(self, name)  # every method's settings are validated at the door
+        # CDT plays its history-conditioned episodes on the device only (offline.make_session refuses it later).
+        require(not (envs.is_host_task(self.task) and "cdt" in self.methods), "methods",
+                f"cdt evaluates on the device only; leave it out on the real task {self.task}")
 
 
     @property

@@ -564,10 +564,11 @@ def run(config: Config, ctx: Any) -> dict[str, float]:
 
 
 def stage_configs(config: Config) -> dict[str, Any]:
-    """What the stages run with: the shared settings, and each chosen RL method's own section."""
+    """What the stages run with: the shared settings, and each chosen method's own section (a critic-free
+    method reads its PPO version's)."""
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in METHOD_SECTIONS}
-    return {"shared": shared, **{section: getattr(config, section) for section, method in METHOD_SECTIONS.items()
-                                 if method in config.methods}}
+    return {"shared": shared, **{section: getattr(config, section) for section in METHOD_SECTIONS
+                                 if section not in config.inactive_sections}}
 
 
 def _single_method(method: str) -> Experiment:

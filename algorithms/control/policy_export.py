@@ -20,7 +20,8 @@ learner's config), ``config`` (every field, resolved), ``task``, ``observation_s
 ``episode_length``, ``fields`` (``null``: the whole learner state), ``step`` (updates or iterations trained), ``num_runs`` and ``runs``: one
 ``{"index", "cost_limit", "seed_index"}`` per run, in the order of the leading axis (``cost_limit`` is
 ``null`` for a run trained for no particular limit). A learner family adds its own keys (the offline
-scaffold: the scored ``cost_limits`` and the ``reference_returns`` of the DSRL normalization).
+scaffold: the scored ``cost_limits``, the ``reference_returns`` of the DSRL normalization and the ``layout``
+of its data's task; PPO-Lagrangian: its ``train_task`` and its ``layout``).
 """
 
 from __future__ import annotations

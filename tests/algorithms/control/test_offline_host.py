@@ -14,6 +14,7 @@ from algorithms.control import bc
 from constrained_rl.config import ConfigError
 from constrained_rl.data import dsrl
 from constrained_rl.envs import host
+from experiments import run
 from experiments.context import RunContext
 
 pytest.importorskip("bullet_safety_gym")
@@ -44,16 +45,23 @@ def write_as_dsrl_does(directory, arrays) -> str:
 
 def test_a_dsrl_file_trains_and_evaluates_on_its_real_task(tmp_path):
     path = write_as_dsrl_does(tmp_path, random_episodes_on_the_real_task(2))
-    config = bc.Config(task=TASK, dataset=path, cost_limits=(20.0,), num_seeds=1, hidden_sizes=(8,), batch_size=16,
-                       num_updates=10, updates_per_chunk=10, eval_every=0, eval_episodes=2)
-    ctx = RunContext(tmp_path / "run", progress=False)
-    summary = bc.run(config, ctx)
-    scores = summary["scores"]["limit_20"]
-    assert scores["num_episodes"] == 2
+    run_dir = tmp_path / "run"
+    assert run.main(["bc_all", "--task", TASK, "--dataset", path, "--cost_limits", "20", "--num_seeds", "1",
+                     "--hidden_sizes", "8", "--batch_size", "16", "--num_updates", "10", "--updates_per_chunk", "10",
+                     "--eval_every", "0", "--eval_episodes", "2", "--run-dir", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["scores"]["limit_20"]["num_episodes"] == 2
     # Normalized by DSRL's published BallCircle references (infos.py): R in [0.383, 881.5].
-    exported = json.loads((ctx.run_dir / "policy" / "policy.json").read_text())
+    exported = json.loads((run_dir / "policy" / "policy.json").read_text())
     assert exported["reference_returns"] == {"reward_min": 0.38312244415283203, "reward_max": 881.46337890625}
     assert exported["layout"]["source"].startswith("Bullet-Safety-Gym")
+    # The evaluate experiment re-scores them there, and refuses a real task of the same sizes but another layout.
+    from experiments import evaluate
+
+    rescored = evaluate.run(evaluate.Config(run_dir=str(run_dir), episodes=2), None)
+    assert rescored["scores"] == summary["scores"]
+    with pytest.raises(ConfigError, match="not trained for SafetyCarCircle-v0: observation dimension 2 is velocity_x"):
+        evaluate.Config(run_dir=str(run_dir), task="SafetyCarCircle-v0")
 
 
 def _synthetic_file(path, task):

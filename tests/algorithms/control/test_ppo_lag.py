@@ -243,3 +243,19 @@ def test_plain_ppo_is_ppo_lag_with_the_multiplier_fixed_at_zero():
     config = ppo.Config()
     assert (config.multiplier.kind, config.multiplier.init) == ("fixed", 0.0)
     assert float(lagrangian.make_rule(config.multiplier).init().multiplier) == 0.0
+
+
+def test_on_a_real_task_it_trains_on_the_twin_and_evaluates_on_the_simulator():
+    pytest.importorskip("bullet_safety_gym")
+    from constrained_rl import envs
+    from constrained_rl.config import ConfigError
+
+    config = ppo_lag.Config(task="SafetyBallRun-v0", num_envs=2, unroll_length=10, num_minibatches=1,
+                            total_env_steps=20, actor_hidden_sizes=(4,), critic_hidden_sizes=(4,), num_seeds=2)
+    learner = ppo_lag.make_learner(config)
+    assert config.train_task == "BallRunTwin" and learner.env.layout == envs.task_layout("SafetyBallRun-v0")
+    state = ppo_lag.init_runs(learner)
+    scores = ppo_lag.evaluate_runs(learner, state, 1, jax.random.PRNGKey(0))
+    assert scores["reward"].shape == (2,) and np.all(np.isfinite(scores["reward"]))
+    with pytest.raises(ConfigError, match="not trained for SafetyBallRun-v0"):
+        ppo_lag.evaluate_runs(learner, state, 1, jax.random.PRNGKey(0), policy_layout=envs.task_layout("BallRun"))

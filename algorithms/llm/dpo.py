@@ -61,9 +61,9 @@ class SafeDPOSettings:
     """SafeDPO's settings (what the pipeline's ``safedpo`` section holds)."""
 
     training: common.Training = common.Training()  # preset and optimiser / loop settings
-    beta: float = 0.1  # KL weight: the implicit reward is beta log pi / pi_ref (DPO's 0.1)
-    # Delta: how much a safe chosen response must beat an unsafe rejected one by (this project's default;
-    # the paper tunes it)
+    beta: float = 0.1  # KL weight: the implicit reward is beta log pi / pi_ref
+    # Delta: how much a safe chosen response must beat an unsafe rejected one by (this project's default,
+    # not a published value)
     safety_margin: float = 2.0
 
     def __post_init__(self) -> None:
@@ -76,8 +76,8 @@ class SACPOSettings:
     """SACPO's settings (what the pipeline's ``sacpo`` section holds)."""
 
     training: common.Training = common.Training()  # preset and optimiser / loop settings, both stages
-    beta: float = 0.1  # the helpfulness stage's KL weight (SACPO's 0.1)
-    # beta / lambda: the safety stage's KL weight, against the helpful policy (SACPO sweeps 0.01-0.1)
+    beta: float = 0.1  # the helpfulness stage's KL weight
+    # beta / lambda: the safety stage's KL weight, against the helpful policy (this project's default)
     safety_beta: float = 0.025
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Environment throughput: a jitted ``lax.scan`` of batched steps, per navigation task.
+"""Environment throughput: a jitted ``lax.scan`` of batched steps, per navigation task (or twin, ``--tasks``).
 
 Three figures per task, all with ``--num-envs`` environments:
   * raw: the bare task vmapped (no time limit, no auto-reset, no accumulators);
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from constrained_rl import envs
 from constrained_rl.envs.base import Env
+from constrained_rl.envs.bullet_twins import TWINS, make_twin
 from constrained_rl.envs.navigation import TASKS, make_navigation
 from constrained_rl.envs.wrappers import VmapBatch
 
@@ -55,18 +56,21 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=4096)
     parser.add_argument("--num-steps", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS),
+                        help=f"navigation tasks or Bullet twins (default: the navigation tasks; twins: {', '.join(TWINS)})")
     args = parser.parse_args()
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, {args.num_envs} envs, {args.num_steps} steps per scan, "
           f"{args.repeats} repeats; M env steps/s")
-    print(f"{'task':12s} {'raw':>8s} {'wrapped':>8s} {'reset under vmap':>17s}")
-    for name in TASKS:
+    print(f"{'task':14s} {'raw':>8s} {'wrapped':>8s} {'reset under vmap':>17s}")
+    for name in args.tasks:
+        raw = make_twin(name) if name in TWINS else make_navigation(name)
         stacks = (
-            VmapBatch(make_navigation(name), args.num_envs),
+            VmapBatch(raw, args.num_envs),
             envs.make(name, batch_size=args.num_envs),
             VmapBatch(envs.make(name), args.num_envs),
         )
         rates = [steps_per_second(env, args.num_envs, args.num_steps, args.repeats) / 1e6 for env in stacks]
-        print(f"{name:12s} {rates[0]:8.2f} {rates[1]:8.2f} {rates[2]:17.2f}")
+        print(f"{name:14s} {rates[0]:8.2f} {rates[1]:8.2f} {rates[2]:17.2f}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ POSITION_SCALE = 0.1  # Ball.agent_specific_observation: 0.1 xyz, 0.2 xyz_dot, 0
 VELOCITY_SCALE = 0.2
 ANGULAR_VELOCITY_SCALE = 0.1
 ACTION_PENALTY = 0.5  # Ball.specific_reward = -0.5 ||a||
-MAX_WALL_CONTACTS = 2  # walls solved per sub-step: the nearest ones
+MAX_WALL_CONTACTS = 2  # walls solved in a step: the nearest ones
 RESTING_OVERLAP = 1e-5  # m: PyBullet's resting ball sinks this far into the plane (its height reads 0.49999)
 
 
@@ -100,97 +100,135 @@ class BallParameters:
         return self.inertia_factor * self.mass * self.radius**2
 
 
-def _clamp_norm(vector: jax.Array, limit: jax.Array) -> jax.Array:
+# Vectors are tuples of three scalars (arrays of the batch shape under vmap): every operation of the
+# solver is then elementwise and XLA fuses a whole sub-step into one loop, where [3]-vectors would
+# cost a gather or concatenation per cross product.
+Vec = tuple
+
+
+def _add(a: Vec, b: Vec, scale=1.0) -> Vec:
+    return tuple(x + scale * y for x, y in zip(a, b))
+
+
+def _dot(a: Vec, b: Vec):
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+def _cross(a: Vec, b: Vec) -> Vec:
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def _times(a: Vec, scale) -> Vec:
+    return tuple(scale * x for x in a)
+
+
+def _clamp_norm(vector: Vec, limit) -> Vec:
     """``vector`` shortened to norm ``limit`` if longer (a friction cone)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(vector)) + 1e-30)
-    return vector * jnp.minimum(1.0, limit / norm)
+    norm = jnp.sqrt(_dot(vector, vector) + 1e-30)
+    return _times(vector, jnp.minimum(1.0, limit / norm))
 
 
 class _Contact(NamedTuple):
-    """One contact of a sub-step: ``normal`` [3] pushes the ball away from the surface; the contact point
-    is ``-r normal`` from the centre; ``target`` is the least separating speed the solver enforces
-    (``-inf`` when out of contact)."""
+    """One contact of a sub-step: ``normal`` pushes the ball away from the surface; the contact point is
+    ``-r normal`` from the centre; ``target`` is the least separating speed the solver enforces, and
+    ``active`` whether the contact exists at all."""
 
-    normal: jax.Array
+    normal: Vec
     target: jax.Array
+    active: jax.Array
     friction: float
     rolling_friction: float
     spinning_friction: float
 
 
-def _contact(normal, gap, approach, restitution, threshold, p: BallParameters, h: float, friction, rolling,
+def _contact(normal: Vec, gap, approach, restitution, threshold, p: BallParameters, h: float, friction, rolling,
              spinning) -> _Contact:
     """Bullet's contact rule: within the threshold, a gap may close this sub-step (``-gap / h``), an overlap
     is pushed out at ``erp overlap / h`` (Baumgarte: no split impulse for multibodies, so it adds speed);
     impacts faster than the threshold bounce with ``restitution``."""
     bounce = jnp.where(approach > p.restitution_threshold, restitution * approach, 0.0)
     position_term = jnp.where(gap >= 0.0, -gap, -p.contact_erp * gap) / h
-    target = jnp.where(gap < threshold, bounce + position_term, -jnp.inf)
-    return _Contact(normal, target, friction, rolling, spinning)
+    return _Contact(normal, bounce + position_term, gap < threshold, friction, rolling, spinning)
+
+
+def nearest_walls(position: jax.Array, walls: Walls | None, radius: float) -> list[tuple]:
+    """The walls that can touch the ball during the next step: the ``MAX_WALL_CONTACTS`` nearest, as
+    ``(normal_x, normal_y, offset)`` (two at a corner of the octagon; the ball moves at most about
+    1.2 m in a step, far less than a wall's length)."""
+    if walls is None:
+        return []
+    normals, offsets = walls.arrays()
+    gaps = offsets - radius - normals @ position
+    _, nearest = jax.lax.top_k(-gaps, min(MAX_WALL_CONTACTS, len(walls.offsets)))
+    return [(normals[k, 0], normals[k, 1], offsets[k]) for k in nearest]
 
 
 def ball_substep(state: BallState, force: jax.Array, params: BallParameters, h: float,
-                 walls: Walls | None) -> BallState:
-    """One PyBullet sub-step of ``h`` seconds under the world-frame ``force`` [2] (N); see the module docstring."""
+                 near_walls: list[tuple]) -> BallState:
+    """One PyBullet sub-step of ``h`` seconds under the world-frame ``force`` [2] (N), against the walls
+    ``near_walls`` (:func:`nearest_walls`); see the module docstring."""
     p = params
     inertia = p.inertia
     tangent_mass = 1.0 / (1.0 / p.mass + p.radius**2 / inertia)  # a contact-point impulse tangent to the sphere
-    v = jnp.concatenate([state.velocity, state.vertical_velocity[None]])
-    w = state.angular_velocity
-    speed, spin = jnp.sqrt(jnp.sum(jnp.square(v))), jnp.sqrt(jnp.sum(jnp.square(w)))
-    force3 = jnp.concatenate([force, jnp.full((1,), -p.mass * p.gravity, force.dtype)])
-    v = v + h * (force3 / p.mass - p.linear_damping * (1.0 + speed) * v)
-    w = w - h * p.angular_damping * (1.0 + spin) * w
+    v = (state.velocity[0], state.velocity[1], state.vertical_velocity)
+    w = (state.angular_velocity[0], state.angular_velocity[1], state.angular_velocity[2])
+    speed, spin = jnp.sqrt(_dot(v, v)), jnp.sqrt(_dot(w, w))
+    acceleration = (force[0] / p.mass, force[1] / p.mass, -p.gravity)
+    v = tuple(vi + h * (ai - p.linear_damping * (1.0 + speed) * vi) for vi, ai in zip(v, acceleration))
+    w = _times(w, 1.0 - h * p.angular_damping * (1.0 + spin))
 
     # Contacts found at the start of the sub-step (discrete collision detection): the ground, then the
-    # nearest walls (only those can touch: two at a corner of the octagon).
-    up = jnp.array([0.0, 0.0, 1.0], v.dtype)
+    # nearest walls.
+    zero = jnp.zeros_like(v[0])
+    up = (zero, zero, zero + 1.0)
     contacts = [_contact(up, state.height - p.radius, -v[2], p.ground_restitution, p.ground_contact_threshold, p, h,
                          p.ground_friction, p.ground_rolling_friction, p.ground_spinning_friction)]
-    if walls is not None:
-        normals2, offsets = walls.arrays()
-        gaps = offsets - p.radius - normals2 @ state.position
-        negative_gaps, nearest = jax.lax.top_k(-gaps, min(MAX_WALL_CONTACTS, len(walls.offsets)))
-        near_normals = normals2[nearest]
-        for j in range(nearest.shape[0]):
-            inward = -jnp.concatenate([near_normals[j], jnp.zeros(1, v.dtype)])
-            contacts.append(_contact(inward, -negative_gaps[j], -jnp.dot(v, inward), p.wall_restitution,
-                                     p.wall_contact_threshold, p, h,
-                                     p.wall_friction, p.wall_rolling_friction, p.wall_spinning_friction))
+    for normal_x, normal_y, offset in near_walls:
+        inward = (-normal_x, -normal_y, zero)
+        gap = offset - p.radius - (normal_x * state.position[0] + normal_y * state.position[1])
+        contacts.append(_contact(inward, gap, -_dot(v, inward), p.wall_restitution, p.wall_contact_threshold, p, h,
+                                 p.wall_friction, p.wall_rolling_friction, p.wall_spinning_friction))
 
+    # Projected Gauss-Seidel over accumulated impulses, in Bullet's order within an iteration: every
+    # normal constraint, then every torsional (rolling and spinning) friction, then every lateral
+    # friction, each bounded by its contact's normal impulse.
     def iteration(_, carry):
-        # Bullet's order within an iteration: every normal constraint, then every torsional (rolling and
-        # spinning) friction, then every lateral friction, each bounded by its contact's normal impulse.
         v, w, normal_impulses, rolling_impulses, spinning_impulses, friction_impulses = carry
-        normal_out, rolling_out, spinning_out, friction_out = [], [], [], []
-        for c, total in zip(contacts, normal_impulses):
-            new = jnp.maximum(0.0, total + p.mass * (c.target - jnp.dot(v, c.normal)))
-            new = jnp.where(jnp.isfinite(c.target), new, 0.0)
-            v = v + (new - total) / p.mass * c.normal
-            normal_out.append(new)
-        for c, n_imp, rolling, spinning in zip(contacts, normal_out, rolling_impulses, spinning_impulses):
-            spin_along = jnp.dot(w, c.normal) * c.normal
-            new_rolling = _clamp_norm(rolling - inertia * (w - spin_along), c.rolling_friction * n_imp)
-            w = w + (new_rolling - rolling) / inertia
-            spin_along = jnp.dot(w, c.normal) * c.normal
-            new_spinning = _clamp_norm(spinning - inertia * spin_along, c.spinning_friction * n_imp)
-            w = w + (new_spinning - spinning) / inertia
-            rolling_out.append(new_rolling), spinning_out.append(new_spinning)
-        for c, n_imp, friction in zip(contacts, normal_out, friction_impulses):
-            lever = -p.radius * c.normal
-            slip = v + jnp.cross(w, lever)
-            slip = slip - jnp.dot(slip, c.normal) * c.normal
-            new = _clamp_norm(friction - tangent_mass * slip, c.friction * n_imp)
-            v = v + (new - friction) / p.mass
-            w = w + jnp.cross(lever, new - friction) / inertia
-            friction_out.append(new)
-        return v, w, normal_out, rolling_out, spinning_out, friction_out
+        normal_impulses, rolling_impulses = list(normal_impulses), list(rolling_impulses)
+        spinning_impulses, friction_impulses = list(spinning_impulses), list(friction_impulses)
+        for i, c in enumerate(contacts):
+            total = normal_impulses[i]
+            new = jnp.where(c.active, jnp.maximum(0.0, total + p.mass * (c.target - _dot(v, c.normal))), 0.0)
+            v = _add(v, c.normal, (new - total) / p.mass)
+            normal_impulses[i] = new
+        for i, c in enumerate(contacts):
+            limit = normal_impulses[i]
+            spin_along = _times(c.normal, _dot(w, c.normal))
+            rolling = _clamp_norm(_add(rolling_impulses[i], _add(w, spin_along, -1.0), -inertia),
+                                  c.rolling_friction * limit)
+            w = _add(w, _add(rolling, rolling_impulses[i], -1.0), 1.0 / inertia)
+            spin_along = _times(c.normal, _dot(w, c.normal))
+            spinning = _clamp_norm(_add(spinning_impulses[i], spin_along, -inertia), c.spinning_friction * limit)
+            w = _add(w, _add(spinning, spinning_impulses[i], -1.0), 1.0 / inertia)
+            rolling_impulses[i], spinning_impulses[i] = rolling, spinning
+        for i, c in enumerate(contacts):
+            lever = _times(c.normal, -p.radius)
+            slip = _add(v, _cross(w, lever))
+            slip = _add(slip, c.normal, -_dot(slip, c.normal))
+            new = _clamp_norm(_add(friction_impulses[i], slip, -tangent_mass), c.friction * normal_impulses[i])
+            change = _add(new, friction_impulses[i], -1.0)
+            v = _add(v, change, 1.0 / p.mass)
+            w = _add(w, _cross(lever, change), 1.0 / inertia)
+            friction_impulses[i] = new
+        return (v, w, tuple(normal_impulses), tuple(rolling_impulses), tuple(spinning_impulses),
+                tuple(friction_impulses))
 
-    zero, zero3 = jnp.zeros((), v.dtype), jnp.zeros(3, v.dtype)
     n = len(contacts)
-    carry = (v, w, [zero] * n, [zero3] * n, [zero3] * n, [zero3] * n)
+    zero3 = (zero, zero, zero)
+    carry = (v, w, (zero,) * n, (zero3,) * n, (zero3,) * n, (zero3,) * n)
     v, w, *_ = jax.lax.fori_loop(0, p.solver_iterations, iteration, carry)
-    return BallState(position=state.position + h * v[:2], velocity=v[:2], angular_velocity=w,
+    velocity = jnp.stack(v[:2])
+    return BallState(position=state.position + h * velocity, velocity=velocity, angular_velocity=jnp.stack(w),
                      height=state.height + h * v[2], vertical_velocity=v[2])
 
 
@@ -218,8 +256,10 @@ class BallAgent(TwinAgent):
         force = self.params.max_force * action
         h = task.timing.time_step
 
+        near_walls = nearest_walls(state.position, task.walls, self.params.radius)  # one selection per step
+
         def substep(_, s):
-            return ball_substep(s, force, self.params, h, task.walls)
+            return ball_substep(s, force, self.params, h, near_walls)
 
         return jax.lax.fori_loop(0, task.timing.frame_skip, substep, state)
 

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 from flax import struct
 
-from algorithms.control import bc, bcq_lag, offline, offline_benchmark, policy_export
+from algorithms.control import bc, bcq_lag, cloning, offline, offline_benchmark, policy_export
 from algorithms.control.ppo_lag import networks as ppo_networks
 from algorithms.control.ppo_lag import train as ppo_train
-from constrained_rl import checkpoint, distributions
+from constrained_rl import checkpoint
 from constrained_rl.data import dsrl
-from constrained_rl.models import mlp
 from experiments import evaluate, registry
 from experiments.context import RunContext
 from tests.algorithms.control.test_offline import random_ballcircle_file
@@ -136,12 +135,13 @@ def test_bc_export_rebuilds_the_actor_from_the_json_alone(tmp_path):
     assert record["config"]["hidden_sizes"] == [8]
 
     params = checkpoint.restore(tmp_path / "policy" / "params")  # as saved: nested dicts, run axis first
-    actor = mlp.state_dependent_actor(record["action_size"], tuple(record["config"]["hidden_sizes"]))
+    assert record["config"]["loss"] == "mse"  # OSRL's BC: a deterministic actor mu(s) = tanh(f(s))
+    actor = cloning.deterministic_actor(record["action_size"], tuple(record["config"]["hidden_sizes"]))
     observations = jax.random.normal(jax.random.PRNGKey(0), (7, 5))
     for run in range(record["num_runs"]):
-        mean, _ = actor.apply(take(params["actor"]["params"], run), observations)
+        action = cloning.deterministic_action(actor, take(params["actor"]["params"], run), observations)
         expected, _ = session.algorithm.policy(take(state.learner, run), observations, jax.random.PRNGKey(1))
-        np.testing.assert_array_equal(distributions.tanh_gaussian_mode(mean), expected)
+        np.testing.assert_array_equal(action, expected)
 
 
 def test_bcq_lag_export_holds_the_vae_and_the_perturbation_actor(tmp_path):

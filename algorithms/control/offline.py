@@ -137,7 +137,6 @@ class Phase(NamedTuple):
     num_updates: int  # 0 skips the phase
     rows: Rows = "all"  # sample from all transitions, or from episodes with cost return <= kappa
     safe_fraction: float = 1.0  # "safe" rows: the episodes with cost return <= this x kappa
-    top_reward_fraction: float = 1.0  # "safe" rows: of those, this share with the highest reward return
 
 
 class DataSampler(NamedTuple):
@@ -240,36 +239,27 @@ class RowSet:
     count: jax.Array  # int32
 
 
-def safe_rows(episodes: dsrl.Episodes, cost_limit: float, fraction: float = 1.0,
-              top_reward_fraction: float = 1.0) -> np.ndarray:
+def safe_rows(episodes: dsrl.Episodes, cost_limit: float, fraction: float = 1.0) -> np.ndarray:
     """Rows of the episodes with cost return ``C <= fraction * cost_limit`` (OSRL's BC-Safe data at
-    ``fraction = 1``), in order; with ``top_reward_fraction < 1`` only the ``ceil(top_reward_fraction
-    * n)`` of those ``n`` episodes with the highest reward returns (the data's safe frontier)."""
+    ``fraction = 1``), in order."""
     bound = fraction * cost_limit
     keep = episodes.cost_returns <= bound
     if not keep.any():
         lowest = episodes.cost_returns.min() if episodes.num_episodes else float("nan")
         within = f"{bound:g}" if fraction == 1 else f"{bound:g} ({fraction:g} x {cost_limit:g})"
         raise ConfigError(f"cost_limits: no episode has cost return <= {within}; the lowest is {lowest:g}")
-    if top_reward_fraction < 1:
-        candidates = np.flatnonzero(keep)
-        # A stable sort on -R: ties keep dataset order, so the choice is deterministic.
-        by_reward = candidates[np.argsort(-episodes.reward_returns[candidates], kind="stable")]
-        keep = np.zeros_like(keep)
-        keep[by_reward[:math.ceil(top_reward_fraction * candidates.size)]] = True
     return np.concatenate([np.arange(s, e) for s, e in zip(episodes.starts[keep], episodes.ends[keep])])
 
 
-def row_sets(dataset: dsrl.OfflineDataset, rows: Rows, layout: RunLayout, safe_fraction: float = 1.0,
-             top_reward_fraction: float = 1.0) -> RowSet:
+def row_sets(dataset: dsrl.OfflineDataset, rows: Rows, layout: RunLayout, safe_fraction: float = 1.0) -> RowSet:
     """Each run's rows ``[R, N]``: every row, or the rows of the episodes within ``safe_fraction`` of
-    its limit (the ``top_reward_fraction`` of them with the highest reward returns)."""
+    its limit."""
     num_rows = dataset.num_transitions
     if rows == "all":
         per_limit = {k: np.arange(num_rows) for k in layout.limit_values}
     else:
         episodes = dsrl.split_episodes(dataset)
-        per_limit = {k: safe_rows(episodes, k, safe_fraction, top_reward_fraction) for k in layout.limit_values}
+        per_limit = {k: safe_rows(episodes, k, safe_fraction) for k in layout.limit_values}
     padded = {k: np.pad(r, (0, num_rows - r.size)).astype(np.int32) for k, r in per_limit.items()}
     limits = [float(k) for k in layout.cost_limits]
     return RowSet(indices=jnp.asarray(np.stack([padded[k] for k in limits])),
@@ -450,7 +440,7 @@ def train(config: OfflineConfig, ctx, session: Session) -> RunState:
         require(phase.num_updates % per_chunk == 0, phase.name,
                 f"{phase.num_updates} updates are not a whole number of chunks of {per_chunk}")
         chunk = make_chunk(phase.update, config.batch_size, per_chunk, algorithm.sampler)
-        rows = row_sets(session.dataset, phase.rows, layout, phase.safe_fraction, phase.top_reward_fraction)
+        rows = row_sets(session.dataset, phase.rows, layout, phase.safe_fraction)
 
         def chunk_fn(state: RunState, chunk=chunk, rows=rows, per_chunk=per_chunk,
                      offset=updates_before) -> tuple[RunState, dict]:

@@ -52,41 +52,26 @@ def test_safe_fraction_keeps_the_episodes_within_a_share_of_the_limit(tiny):
         offline.row_sets(tiny.replace(costs=tiny.costs + 1.0), "safe", layout, safe_fraction=0.25)
 
 
-def test_top_reward_fraction_keeps_the_safe_episodes_with_the_most_reward(tiny):
-    # Reward returns 6, 2 and 8, cost returns 1, 6 and 0 (rows [0, 3), [3, 7), [7, 9)).
-    layout = offline.run_layout((6.0, 1.0), num_seeds=1)
-    best = offline.row_sets(tiny, "safe", layout, top_reward_fraction=1 / 3)
-    np.testing.assert_array_equal(best.count, [2, 2])  # kappa 6: ceil(1) of 3; kappa 1: ceil(2/3) of {6, 8}
-    np.testing.assert_array_equal(best.indices[:, :2], [[7, 8], [7, 8]])
-    half = offline.row_sets(tiny, "safe", layout, top_reward_fraction=0.5)  # ceil(1.5) = 2 of 3; 1 of 2
-    np.testing.assert_array_equal(half.count, [5, 2])
-    np.testing.assert_array_equal(half.indices[0, :5], [0, 1, 2, 7, 8])  # the 6 and the 8, in dataset order
-    # The cost bound comes first: at kappa 1 the 2-reward episode was never a candidate.
-    chex.assert_trees_all_equal(offline.row_sets(tiny, "safe", layout, top_reward_fraction=1.0),
-                                offline.row_sets(tiny, "safe", layout))
-
-
 def test_training_samples_a_phase_s_share_of_the_safe_episodes(tiny, tmp_path):
-    # train reads each phase's safe_fraction and top_reward_fraction. Cost returns 1, 6 and 0, reward
-    # returns 6, 2 and 8: BC-Safe with half of kappa = 6 keeps the episodes kappa = 1 keeps, and all of
-    # them at the full 6; the top third by reward at 6 keeps only the last episode, as a tenth of 6 does.
+    # train reads each phase's safe_fraction. Cost returns 1, 6 and 0: BC-Safe with half of kappa = 6
+    # keeps the episodes kappa = 1 keeps, and all of them at the full 6; a tenth of 6 keeps only the last.
     config = bc.SafeConfig(task="BallCircle", num_seeds=1, hidden_sizes=(8,), batch_size=4, num_updates=20,
                            updates_per_chunk=20, eval_every=0)
     algorithm = bc.make_algorithm(config, offline.Problem(3, 2, 10))
 
-    def trained(limit: float, fraction: float, top: float = 1.0):
-        phases = tuple(p._replace(safe_fraction=fraction, top_reward_fraction=top) for p in algorithm.phases)
+    def trained(limit: float, fraction: float):
+        phases = tuple(p._replace(safe_fraction=fraction) for p in algorithm.phases)
         layout = offline.run_layout((limit,), num_seeds=1)
         session = offline.Session(tiny, layout, (limit,), algorithm._replace(phases=phases), None, None)
-        ctx = RunContext(tmp_path / f"{limit}-{fraction}-{top}", progress=False)
+        ctx = RunContext(tmp_path / f"{limit}-{fraction}", progress=False)
         return offline.train(config, ctx, session).learner
 
     halved, everything = trained(6.0, 0.5), trained(6.0, 1.0)
     chex.assert_trees_all_equal(halved, trained(1.0, 1.0))
     assert params_differ(halved, everything)
-    frontier = trained(6.0, 1.0, top=1 / 3)
-    chex.assert_trees_all_equal(frontier, trained(6.0, 0.1))
-    assert params_differ(frontier, everything)
+    last_only = trained(6.0, 0.1)
+    chex.assert_trees_all_equal(last_only, trained(0.5, 1.0))
+    assert params_differ(last_only, everything) and params_differ(last_only, halved)
 
 
 def params_differ(learner, other) -> bool:

@@ -49,26 +49,55 @@ def test_rms_norm_by_hand() -> None:
     np.testing.assert_allclose(norm.apply(variables, x), [[6 / np.sqrt(13), -4 / np.sqrt(13)]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("scaling", [None, RopeScaling("linear", 4.0), RopeScaling("llama3", 8.0, 1.0, 4.0, 32)])
-def test_rope_frequencies_match_transformers(scaling: RopeScaling | None) -> None:
-    config = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=10000.0, rope_scaling=scaling)
-    rope = {"rope_type": "default", "rope_theta": 10000.0}
-    if scaling is not None:
-        rope = {**rope, "rope_type": scaling.rope_type, "factor": scaling.factor}
-        if scaling.rope_type == "llama3":
-            rope.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
-    hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, rope_parameters=rope)
-    if scaling is None:
-        reference = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config).inv_freq
+LONG = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 16.0, 16.0, 16.0, 16.0, 16.0, 16.0, 16.0)
+SHORT = tuple(1.0 + 0.05 * i for i in range(16))
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "dynamic": {"rope_type": "dynamic", "factor": 3.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    "yarn_mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.7,
+                    "mscale_all_dim": 0.5, "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
+    "longrope": {"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG,
+                 "original_max_position_embeddings": 32},
+}
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+@pytest.mark.parametrize("seq_len", [None, 20, 100])
+def test_rope_frequencies_match_transformers(name: str, seq_len: int | None) -> None:
+    """Inverse frequencies and attention factors equal transformers' ROPE_INIT_FUNCTIONS at short and long
+    lengths (dynamic and longrope change above max_position_embeddings = 64 / the original 32)."""
+    rope = ROPES[name]
+    scaling = None if rope is None else RopeScaling(**{k: v for k, v in rope.items()})
+    config = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=10000.0, rope_scaling=scaling,
+                         max_position_embeddings=64)
+    hf_rope = {"rope_type": "default", "rope_theta": 10000.0, **{k: (list(v) if isinstance(v, tuple) else v)
+                                                                 for k, v in (rope or {}).items()}}
+    hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, rope_parameters=hf_rope,
+                                         max_position_embeddings=64)
+    if rope is None:
+        reference, factor = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config).inv_freq, 1.0
     else:
-        reference = ROPE_INIT_FUNCTIONS[scaling.rope_type](hf_config, torch.device("cpu"))[0]
-    np.testing.assert_allclose(llama.rope_inverse_frequencies(config), reference.numpy(), rtol=1e-6)
+        init = ROPE_INIT_FUNCTIONS[rope["rope_type"]]
+        # transformers' forward switches longrope to its long factors above the original context.
+        length = seq_len if rope["rope_type"] != "longrope" or (seq_len or 0) > 32 else None
+        reference, factor = init(hf_config, torch.device("cpu"), seq_len=length)
+    np.testing.assert_allclose(llama.rope_inverse_frequencies(config, seq_len), reference.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(llama.rope_attention_scaling(config), factor, rtol=1e-12)
+    if seq_len is not None:  # the in-graph choice equals the host one
+        np.testing.assert_allclose(llama.traced_inverse_frequencies(config, jnp.int32(seq_len)),
+                                   reference.numpy(), rtol=1e-6)
 
 
 def test_rotary_by_hand() -> None:
     # head_dim 2: one frequency (1.0); position 1 rotates (x1, x2) by 1 radian.
     x = jnp.array([[[[1.0, 2.0]]]])
-    rotated = llama.apply_rotary(x, jnp.array([[1]]), np.array([1.0], np.float32))
+    config = LlamaConfig(hidden_size=2, num_attention_heads=1)
+    cos, sin = llama.rotary_embedding(config, jnp.array([[1]]))
+    rotated = llama.apply_rotary(x, cos, sin)
     c, s = np.cos(1.0), np.sin(1.0)
     np.testing.assert_allclose(rotated[0, 0, 0], [1 * c - 2 * s, 2 * c + 1 * s], rtol=1e-6)
 
@@ -187,7 +216,12 @@ def test_invalid_config_is_refused(fields, message: str) -> None:
 
 
 def test_invalid_rope_scaling_is_refused() -> None:
-    with pytest.raises(ConfigError, match="rope_scaling.rope_type: 'yarn' is not supported"):
-        RopeScaling("yarn", 2.0)
+    with pytest.raises(ConfigError, match="rope_scaling.rope_type: 'ntk' is not supported"):
+        RopeScaling("ntk", 2.0)
+    with pytest.raises(ConfigError, match="rope_scaling.long_factor: longrope needs both"):
+        RopeScaling("longrope", short_factor=(1.0,))
+    with pytest.raises(ConfigError, match="rope_scaling.short_factor: needs head_dim / 2 = 16 entries, got 1"):
+        LlamaConfig(hidden_size=64, num_attention_heads=2,
+                    rope_scaling=RopeScaling("longrope", short_factor=(1.0,), long_factor=(1.0,)))
     with pytest.raises(ConfigError, match="rope_scaling.factor: must be > 0"):
         RopeScaling("linear", 0.0)

@@ -29,12 +29,36 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from constrained_rl.config import ConfigError
-from constrained_rl.models.llama import LlamaConfig, LlamaForCausalLM, RopeScaling
+from constrained_rl.models.llama import MODEL_TYPES, LlamaConfig, LlamaForCausalLM, RopeScaling
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = MODEL_TYPES
+# The transformers class prefix of each family: Qwen2ForCausalLM, MistralForSequenceClassification, ...
+ARCHITECTURE_PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# Defaults of transformers' config classes (MistralConfig, Qwen2Config, Qwen3Config) for the fields whose
+# default differs from LlamaConfig's and changes what the model computes, used when config.json omits them.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": 4096, "max_position_embeddings": 4096 * 32},
+    "qwen2": {"max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
+              "sliding_window": 4096, "max_window_layers": 28},
+    "qwen3": {"max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
+              "sliding_window": 4096, "max_window_layers": 28, "head_dim": 128},
+}
+# The rope_parameters keys transformers' validation expects for each rope type (it warns about others).
+ROPE_FIELDS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+             "mscale", "mscale_all_dim", "truncate"),
+    "longrope": ("factor", "original_max_position_embeddings", "attention_factor", "short_factor",
+                 "long_factor"),
+}
+# Optional yarn fields whose RopeScaling default is transformers' default (beta_fast 32, beta_slow 1, truncate).
+OPTIONAL_ROPE_FIELDS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 
 # Our parameter path (under "params", "/"-joined) -> (Hugging Face tensor name, transpose?).
 NAME_RULES: tuple[tuple[str, str, bool], ...] = (
@@ -43,6 +67,7 @@ NAME_RULES: tuple[tuple[str, str, bool], ...] = (
     (r"^model/layers_(\d+)/(self_attn|mlp)/(\w+_proj)/bias$", r"model.layers.\1.\2.\3.bias", False),
     (r"^model/layers_(\d+)/(input_layernorm|post_attention_layernorm)/weight$", r"model.layers.\1.\2.weight",
      False),
+    (r"^model/layers_(\d+)/self_attn/(q_norm|k_norm)/weight$", r"model.layers.\1.self_attn.\2.weight", False),
     (r"^model/norm/weight$", r"model.norm.weight", False),
     (r"^lm_head/kernel$", r"lm_head.weight", True),
     (r"^score_head/kernel$", r"score_head.weight", True),
@@ -66,53 +91,113 @@ def hf_tensor_name(path: str) -> tuple[str, bool]:
 
 
 def _rope_scaling(hf: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None]:
-    """rope_theta and scaling from either the transformers 5 ``rope_parameters`` or the older keys."""
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = dict(hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = {**legacy, **params}
+    """rope_theta and scaling as transformers 5 reads them: the older ``rope_scaling`` dict when present,
+    else ``rope_parameters``; theta from that dict, else the top-level ``rope_theta``, else 10000."""
+    scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = float(scaling.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    partial = scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor {partial} is not supported (rotary embeddings over "
+                          f"the whole head only)")
     if rope_type == "default":
         return theta, None
     fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
     try:
         return theta, RopeScaling(rope_type=rope_type, **{k: v for k, v in scaling.items() if k in fields})
-    except ConfigError as error:
+    except (ConfigError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None
+
+
+def _family_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """The attention fields as the family's transformers model reads them.
+
+    llama: attention_bias, mlp_bias (a sliding_window key is ignored, as LlamaForCausalLM ignores it).
+    mistral: sliding_window on every layer (null = none).
+    qwen2/qwen3: a window only with use_sliding_window, on the layers ``layer_types`` names, or else on
+    layers >= max_window_layers (Qwen2Config's rule); qwen3 also attention_bias. Qwen2 has q/k/v biases.
+    """
+    defaults = FAMILY_DEFAULTS[model_type]
+    if model_type == "llama":
+        return {"attention_bias": hf.get("attention_bias", False), "mlp_bias": hf.get("mlp_bias", False)}
+    if model_type == "mistral":
+        if hf.get("layer_types") is not None:
+            raise ConfigError(f"{source}: layer_types is not supported for mistral (MistralForCausalLM ignores "
+                              f"it; per-layer windows are Ministral's)")
+        return {"sliding_window": hf.get("sliding_window", defaults["sliding_window"])}
+    fields = {"attention_bias": hf.get("attention_bias", False)} if model_type == "qwen3" else {}
+    window = hf.get("sliding_window", defaults["sliding_window"]) if hf.get("use_sliding_window") else None
+    layers = hf.get("layer_types")
+    if layers is None and window is not None:
+        first_sliding = hf.get("max_window_layers", defaults["max_window_layers"])
+        layers = ["sliding_attention" if i >= first_sliding else "full_attention"
+                  for i in range(int(hf.get("num_hidden_layers", 0)))]
+    if window is None or "sliding_attention" not in (layers or ()):
+        return {**fields, "sliding_window": None, "layer_types": None}
+    all_sliding = set(layers) == {"sliding_attention"}
+    return {**fields, "sliding_window": window, "layer_types": None if all_sliding else tuple(layers)}
 
 
 def config_from_hf_dict(hf: Mapping[str, Any], source: str = CONFIG_FILE, *, dtype: str = "float32",
                         param_dtype: str = "float32") -> LlamaConfig:
-    """A :class:`LlamaConfig` from the fields of a Hugging Face ``config.json``; unknown fields are ignored."""
+    """A :class:`LlamaConfig` from the fields of a Hugging Face ``config.json`` (model_type llama, mistral,
+    qwen2 or qwen3); fields the family's transformers model does not read are ignored, and fields
+    config.json omits take transformers' defaults for that family (:data:`FAMILY_DEFAULTS`)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)})")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-    if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
-        raise ConfigError(f"{source}: sliding-window attention is not supported (sliding_window must be null)")
     theta, scaling = _rope_scaling(hf, source)
+    family = _family_fields(hf, model_type, source)
     fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {"rope_theta", "rope_scaling", "dtype",
-                                                                   "param_dtype"}
+                                                                   "param_dtype", "model_type", *family}
+    values = {k: v for k, v in FAMILY_DEFAULTS[model_type].items() if k in fields}
+    values.update({k: hf[k] for k in fields if k in hf})
     try:
         return LlamaConfig(rope_theta=theta, rope_scaling=scaling, dtype=dtype, param_dtype=param_dtype,
-                           **{k: hf[k] for k in fields if k in hf})
+                           model_type=model_type, **family, **values)
     except (ConfigError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None
 
 
 def _rope_scaling_dict(scaling: RopeScaling | None) -> dict[str, Any] | None:
-    """The fields of ``scaling`` its rope type uses (transformers warns about the others)."""
+    """The fields of ``scaling`` its rope type uses (:data:`ROPE_FIELDS`; transformers warns about others),
+    optional ones left out when unset or at the default transformers applies too."""
     if scaling is None:
         return None
-    if scaling.rope_type == "linear":
-        return {"rope_type": "linear", "factor": scaling.factor}
-    return dataclasses.asdict(scaling)
+    defaults = {f.name: f.default for f in dataclasses.fields(RopeScaling)}
+    out: dict[str, Any] = {"rope_type": scaling.rope_type}
+    for name in ROPE_FIELDS[scaling.rope_type]:
+        value = getattr(scaling, name)
+        if value is not None and not (name in OPTIONAL_ROPE_FIELDS and value == defaults[name]):
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
-def config_to_hf_dict(config: LlamaConfig, architecture: str = "LlamaForCausalLM") -> dict[str, Any]:
-    """The ``config.json`` fields transformers needs to rebuild ``config``.
+def hf_architecture(config: LlamaConfig, head: str = "ForCausalLM") -> str:
+    """The transformers class name of ``config``'s family with ``head``: "Qwen2ForCausalLM", ..."""
+    return ARCHITECTURE_PREFIXES[config.model_type] + head
+
+
+def _family_dict(config: LlamaConfig) -> dict[str, Any]:
+    """The attention fields of config.json in the keys the family's transformers config reads."""
+    if config.model_type == "llama":
+        return {"attention_bias": config.attention_bias, "mlp_bias": config.mlp_bias}
+    if config.model_type == "mistral":
+        return {"sliding_window": config.sliding_window}
+    layers = [("full_attention" if config.layer_window(i) is None else "sliding_attention")
+              for i in range(config.num_hidden_layers)]
+    leading_full = next((i for i, kind in enumerate(layers) if kind == "sliding_attention"), len(layers))
+    fields = {"use_sliding_window": config.sliding_window is not None, "sliding_window": config.sliding_window,
+              "max_window_layers": leading_full, "layer_types": layers}
+    return {**fields, "attention_bias": config.attention_bias} if config.model_type == "qwen3" else fields
+
+
+def config_to_hf_dict(config: LlamaConfig, architecture: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` fields transformers needs to rebuild ``config`` (``architecture`` None = the
+    family's causal LM, :func:`hf_architecture`).
 
     Rotary scaling is written both as ``rope_parameters`` (transformers 5) and as ``rope_theta`` /
     ``rope_scaling`` (earlier versions).
@@ -121,8 +206,8 @@ def config_to_hf_dict(config: LlamaConfig, architecture: str = "LlamaForCausalLM
     rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta, **(scaling or {})}
     eos = config.eos_token_id
     return {
-        "architectures": [architecture],
-        "model_type": "llama",
+        "architectures": [architecture or hf_architecture(config)],
+        "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -137,8 +222,7 @@ def config_to_hf_dict(config: LlamaConfig, architecture: str = "LlamaForCausalLM
         "rope_parameters": rope_parameters,
         "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": config.attention_bias,
-        "mlp_bias": config.mlp_bias,
+        **_family_dict(config),
         "bos_token_id": config.bos_token_id,
         "eos_token_id": eos[0] if len(eos) == 1 else list(eos) or None,
         "pad_token_id": config.pad_token_id,
@@ -326,5 +410,7 @@ def load_causal_lm(directory: str, *, dtype: str = "float32", param_dtype: str =
 
 def save_causal_lm(directory: str, model: LlamaForCausalLM, variables: Mapping[str, Any], *,
                    dtype: str | None = None, max_shard_bytes: int | None = None) -> None:
-    """Saves a causal LM so that ``transformers.LlamaForCausalLM.from_pretrained(directory)`` loads it."""
-    save_params(directory, model, variables, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    """Saves a causal LM so that transformers' class of its family (``LlamaForCausalLM``,
+    ``Qwen2ForCausalLM``, ...; ``AutoModelForCausalLM``) loads it with ``from_pretrained(directory)``."""
+    save_params(directory, model, variables, architecture=hf_architecture(model.config), dtype=dtype,
+                max_shard_bytes=max_shard_bytes)

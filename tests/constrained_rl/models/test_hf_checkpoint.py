@@ -150,8 +150,12 @@ def _edit_config(directory, **fields) -> None:
     (lambda d: (d / "config.json").write_text("{not json"), r"config\.json: not valid JSON"),
     (lambda d: _edit_config(d, model_type="gpt2"), r"config\.json: model_type 'gpt2' is not supported"),
     (lambda d: _edit_config(d, hidden_act="gelu"), r"config\.json: hidden_act 'gelu'"),
-    (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}),
-     r"config\.json: rope_scaling\.rope_type: 'yarn' is not supported"),
+    (lambda d: _edit_config(d, rope_parameters={"rope_type": "proportional", "rope_theta": 1.0}),
+     r"config\.json: rope_scaling\.rope_type: 'proportional' is not supported"),
+    (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}),
+     r"config\.json: partial_rotary_factor 0\.5 is not supported"),
+    (lambda d: _edit_config(d, model_type="mistral", layer_types=["full_attention", "sliding_attention"]),
+     r"config\.json: layer_types is not supported for mistral"),
     (lambda d: _edit_config(d, num_key_value_heads=3), r"config\.json: num_key_value_heads: 3 must divide"),
     (lambda d: os.remove(d / "model.safetensors"), r"model\.safetensors: not found"),
     (lambda d: (d / "model.safetensors").write_bytes(b"garbage"), r"model\.safetensors: not a readable"),
@@ -161,7 +165,8 @@ def _edit_config(directory, **fields) -> None:
      r"model\.safetensors: tensor 'model\.norm\.weight' has shape \(3,\), expected \(64,\)"),
     (lambda d: _damage_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.ones(64)})),
      r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
-], ids=["no-config", "corrupt-config", "model-type", "activation", "rope-type", "kv-heads", "no-weights",
+], ids=["no-config", "corrupt-config", "model-type", "activation", "rope-type", "partial-rotary",
+        "mistral-layer-types", "kv-heads", "no-weights",
         "corrupt-weights", "missing-tensor", "wrong-shape", "unexpected-tensor"])
 def test_bad_checkpoint_raises_config_error(broken, damage, message: str) -> None:
     damage(broken)
@@ -185,3 +190,40 @@ def test_saved_config_round_trips() -> None:
                          num_attention_heads=2, num_key_value_heads=1, rope_scaling=RopeScaling("llama3", 8.0),
                          eos_token_id=(2, 9), tie_word_embeddings=True)
     assert hf_checkpoint.config_from_hf_dict(hf_checkpoint.config_to_hf_dict(config)) == config
+
+
+@pytest.mark.parametrize("fields", [
+    dict(model_type="mistral", sliding_window=7),
+    dict(model_type="qwen2", sliding_window=3, layer_types=("full_attention", "sliding_attention")),
+    dict(model_type="qwen2", sliding_window=3),
+    dict(model_type="qwen3", head_dim=6, attention_bias=True, rope_scaling=RopeScaling(
+        "longrope", short_factor=(1.0, 1.5, 2.0), long_factor=(2.0, 3.0, 4.0), original_max_position_embeddings=16)),
+    dict(rope_scaling=RopeScaling("yarn", 4.0, original_max_position_embeddings=512, mscale=1.0,
+                                  mscale_all_dim=0.5, truncate=False)),
+    dict(rope_scaling=RopeScaling("dynamic", 2.0)),
+], ids=["mistral", "qwen2-layers", "qwen2-all-sliding", "qwen3-longrope", "yarn", "dynamic"])
+def test_family_configs_round_trip(fields) -> None:
+    config = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=1024, **fields)
+    assert hf_checkpoint.config_from_hf_dict(hf_checkpoint.config_to_hf_dict(config)) == config
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_omitted_fields_take_transformers_family_defaults(model_type: str) -> None:
+    """A config.json without head_dim / sliding_window / token ids / context reads as transformers'
+    config class of the family fills them in."""
+    minimal = {"model_type": model_type, "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
+               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
+    ours = hf_checkpoint.config_from_hf_dict(minimal)
+    reference = transformers.AutoConfig.for_model(**minimal)
+    assert ours.head_dim == (getattr(reference, "head_dim", None) or 4)
+    assert ours.sliding_window == reference.sliding_window
+    assert ours.max_position_embeddings == reference.max_position_embeddings
+    assert ours.bos_token_id == reference.bos_token_id
+    assert ours.eos_token_id == (() if reference.eos_token_id is None else (reference.eos_token_id,))
+    if model_type != "mistral":  # Qwen: a window only with use_sliding_window, on layers >= max_window_layers
+        windowed = {**minimal, "use_sliding_window": True, "max_window_layers": 1}
+        ours, reference = hf_checkpoint.config_from_hf_dict(windowed), transformers.AutoConfig.for_model(**windowed)
+        assert [ours.layer_window(i) for i in range(2)] == [
+            reference.sliding_window if kind == "sliding_attention" else None for kind in reference.layer_types]
+        assert ours.layer_window(1) == 4096

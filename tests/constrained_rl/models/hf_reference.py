@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face Llama models, the reference the JAX model is checked against."""
+"""Tiny random Hugging Face models (Llama and the other families), the reference the JAX model is checked
+against."""
 
 from __future__ import annotations
 
@@ -23,14 +24,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def build_hf_llama(variant: str, seed: int = 0) -> transformers.LlamaForCausalLM:
-    """A random fp32 ``LlamaForCausalLM`` whose norm weights are also random (HF initialises them to 1,
-    which would hide a norm weight that is loaded into the wrong place)."""
+    """A random fp32 ``LlamaForCausalLM`` of :data:`VARIANTS` (see :func:`randomise_norms_and_biases`)."""
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, **VARIANTS[variant]}))
+    return randomise_norms_and_biases(model)
+
+
+def build_hf_causal_lm(model_type: str, overrides: dict[str, Any], seed: int = 0) -> transformers.PreTrainedModel:
+    """A random fp32 causal LM of any transformers family (``model_type`` "llama", "mistral", "qwen2",
+    "qwen3", ...) with the :data:`TINY` sizes and ``overrides``."""
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    return randomise_norms_and_biases(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def randomise_norms_and_biases(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
+    """Norm weights uniform in [0.5, 1.5] and biases N(0, 0.1): transformers initialises them to 1 and 0,
+    which would hide one loaded into the wrong place. Returns the model in eval mode."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name:
                 parameter.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                parameter.normal_(0.0, 0.1)
     return model.eval()
 
 
@@ -43,13 +59,14 @@ def hf_logits(model: transformers.LlamaForCausalLM, tokens: np.ndarray, mask: np
     return out.logits.numpy()
 
 
-def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 12, vocab: int = 128
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Random prompts with 0, 4 and 7 padding tokens on the left (ids >= 3 avoid the special tokens)."""
+def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 12, vocab: int = 128,
+                      pads: tuple[int, ...] = (0, 4, 7)) -> tuple[np.ndarray, np.ndarray]:
+    """Random prompts with ``pads`` (default 0, 4 and 7) padding tokens on the left (ids >= 3 avoid the
+    special tokens)."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, vocab, size=(batch, length))
     mask = np.ones((batch, length), np.int64)
-    for row, pad in enumerate([0, 4, 7][:batch]):
+    for row, pad in enumerate(pads[:batch]):
         mask[row, :pad] = 0
     tokens[mask == 0] = 0
     return tokens, mask

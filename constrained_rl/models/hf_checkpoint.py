@@ -131,7 +131,7 @@ def _family_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[
     if layers is None and window is not None:
         first_sliding = hf.get("max_window_layers", defaults["max_window_layers"])
         layers = ["sliding_attention" if i >= first_sliding else "full_attention"
-                  for i in range(int(hf.get("num_hidden_layers", 0)))]
+                  for i in range(int(hf.get("num_hidden_layers", LlamaConfig.num_hidden_layers)))]
     if window is None or "sliding_attention" not in (layers or ()):
         return {**fields, "sliding_window": None, "layer_types": None}
     all_sliding = set(layers) == {"sliding_attention"}

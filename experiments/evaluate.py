@@ -5,11 +5,14 @@
     python -m experiments.run evaluate --run_dir runs/bc_safe-20250101-120000
     python -m experiments.run evaluate --run_dir DIR --checkpoint best --episodes 50 --seed 7
     python -m experiments.run evaluate --run_dir DIR --task TASK --reward_min 0 --reward_max 400  # same sizes
+    python -m experiments.run evaluate --run_dir BENCHMARK_DIR --method satac --task SafetyBallCircle-v0
 
 It reads a finished or interrupted run of a control learner (every offline learner of
 :mod:`algorithms.control.offline`, and ``ppo_lag`` / ``ppo``), rebuilds the learner from the run's
 config, restores its policies and plays ``episodes`` episodes per run on ``task`` with the learner's own
-evaluation path:
+evaluation path. A run of ``offline_benchmark`` holds one learner per method: ``method`` names the one
+scored, read at its latest checkpoint (``final``) or its best one, with the config the benchmark trained it
+with (this is how policies trained on a twin's data are scored on the real task, docs/environments.md):
 
 * offline learners: the scaffold's evaluator (:func:`~algorithms.control.offline.play_episodes`: one key
   per run, the same under every cost limit) scored by the DSRL formulas of
@@ -69,6 +72,7 @@ class Config:
     """What to re-score and how; ``run_dir`` is required. A bad run directory is refused here."""
 
     run_dir: str = ""  # run directory of a control learner, finished or interrupted (required)
+    method: str = ""  # with a run of offline_benchmark: which of its methods to score (required there)
     checkpoint: Literal["final", "best"] = "final"  # final: the exported policies; best: see the module doc
     task: str = ""  # environment to score on; empty: the run's own task
     episodes: int = 20  # episodes per run (DSRL protocol: 20)
@@ -106,6 +110,7 @@ class Trained(NamedTuple):
     family: Family
     config: Any  # the learner's config
     record: dict[str, Any] | None  # policy/policy.json; None when the run exported nothing
+    method: str = ""  # a method of an offline_benchmark run: its stages are named <method>_<phase>
 
 
 class Source(NamedTuple):
@@ -134,8 +139,9 @@ def _family(config_cls: type) -> Family | None:
     return None
 
 
-def read_run(run_dir: str) -> Trained:
-    """The learner, config and export of a run directory; ConfigError for anything else."""
+def read_run(run_dir: str, method: str = "") -> Trained:
+    """The learner, config and export of a run directory (of ``offline_benchmark``: of its ``method``);
+    ConfigError for anything else."""
     directory = Path(run_dir)
     if not directory.is_dir():
         raise ConfigError(f"run_dir: {directory}: no such directory")
@@ -149,12 +155,31 @@ def read_run(run_dir: str) -> Trained:
     if name not in registry.EXPERIMENTS:
         raise ConfigError(f"run_dir: {directory}: a run of {name!r}, which is no registered experiment")
     experiment = registry.load(name)
+    if name == "offline_benchmark":
+        return read_benchmark_method(directory, experiment, content["config"], method)
+    if method:
+        raise ConfigError(f"method: {directory} is a run of {name!r}; --method picks a method of an "
+                          "offline_benchmark run")
     family = _family(experiment.config_cls)
     if family is None:
         raise ConfigError(f"run_dir: {directory}: a run of {name!r}; evaluate re-scores the policies of "
                           "control learners (the offline learners, ppo_lag, ppo)")
     learner = cli.build_config(experiment.config_cls, cli.flatten(content["config"], str(config_path)), record=True)
     return Trained(directory, name, family, learner, policy_export.read(directory))
+
+
+def read_benchmark_method(directory: Path, experiment: Experiment, content: dict[str, Any], method: str) -> Trained:
+    """One method of an ``offline_benchmark`` run, as a run of its own: its config as the benchmark trained
+    it, its checkpoints ``checkpoints/<method>_<phase>``; nothing exported (the latest checkpoint is final)."""
+    from algorithms.control import offline_benchmark
+
+    benchmark = cli.build_config(experiment.config_cls, cli.flatten(content, str(directory / "config.json")),
+                                 record=True)
+    if method not in benchmark.methods:
+        what = f"{method!r} is not among" if method else "required with an offline_benchmark run: one of"
+        raise ConfigError(f"method: {what} the methods of {directory} ({', '.join(benchmark.methods)})")
+    learner = offline_benchmark.method_config(benchmark, method)
+    return Trained(directory, "offline_benchmark", "offline", learner, None, method)
 
 
 def make_algorithm(learner: offline.OfflineConfig, sizes: tuple[int, int, int]) -> offline.Algorithm:
@@ -237,7 +262,7 @@ def best_checkpoint(trained: Trained, phases: list[tuple[str, int]]) -> Source:
 def plan(config: Config) -> Plan:
     """What ``config`` scores; ConfigError (naming the setting) for anything that cannot be scored."""
     require(bool(config.run_dir), "run_dir", "required: the run directory whose policies are scored")
-    trained = read_run(config.run_dir)
+    trained = read_run(config.run_dir, config.method)
     sizes = run_sizes(trained)
     task = config.task or trained.config.task
     if task != trained.config.task:
@@ -254,6 +279,8 @@ def plan(config: Config) -> Plan:
                               f"checked against {task}")
     if trained.family == "offline":
         phases = trained_phases(trained.config, make_algorithm(trained.config, sizes))
+        if trained.method:
+            phases = [(f"{trained.method}_{stage}", per_chunk) for stage, per_chunk in phases]
     else:
         phases = [("train", 1)]
     if config.checkpoint == "best":
@@ -445,6 +472,7 @@ def evaluate_ppo_lag(config: Config, plan: Plan, seed: int) -> dict[str, Any]:
 def _header(config: Config, plan: Plan, seed: int) -> dict[str, Any]:
     header = {
         "experiment": plan.trained.experiment,
+        **({"method": plan.trained.method} if plan.trained.method else {}),
         "run_dir": str(plan.trained.run_dir),
         "checkpoint": config.checkpoint,
         "source": plan.source.label,

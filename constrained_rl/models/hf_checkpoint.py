@@ -128,6 +128,9 @@ def _family_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[
     fields = {"attention_bias": hf.get("attention_bias", False)} if model_type == "qwen3" else {}
     window = hf.get("sliding_window", defaults["sliding_window"]) if hf.get("use_sliding_window") else None
     layers = hf.get("layer_types")
+    if window is None and "sliding_attention" in (layers or ()):
+        raise ConfigError(f"{source}: layer_types names sliding_attention layers but use_sliding_window is false "
+                          f"or sliding_window null (transformers' {model_type} has no window for them)")
     if layers is None and window is not None:
         first_sliding = hf.get("max_window_layers", defaults["max_window_layers"])
         layers = ["sliding_attention" if i >= first_sliding else "full_attention"

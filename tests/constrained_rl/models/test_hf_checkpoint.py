@@ -156,6 +156,8 @@ def _edit_config(directory, **fields) -> None:
      r"config\.json: partial_rotary_factor 0\.5 is not supported"),
     (lambda d: _edit_config(d, model_type="mistral", layer_types=["full_attention", "sliding_attention"]),
      r"config\.json: layer_types is not supported for mistral"),
+    (lambda d: _edit_config(d, model_type="qwen2", layer_types=["full_attention", "sliding_attention"]),
+     r"config\.json: layer_types names sliding_attention layers but use_sliding_window is false"),
     (lambda d: _edit_config(d, num_key_value_heads=3), r"config\.json: num_key_value_heads: 3 must divide"),
     (lambda d: os.remove(d / "model.safetensors"), r"model\.safetensors: not found"),
     (lambda d: (d / "model.safetensors").write_bytes(b"garbage"), r"model\.safetensors: not a readable"),
@@ -166,7 +168,7 @@ def _edit_config(directory, **fields) -> None:
     (lambda d: _damage_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.ones(64)})),
      r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
 ], ids=["no-config", "corrupt-config", "model-type", "activation", "rope-type", "partial-rotary",
-        "mistral-layer-types", "kv-heads", "no-weights",
+        "mistral-layer-types", "qwen-layer-types-without-window", "kv-heads", "no-weights",
         "corrupt-weights", "missing-tensor", "wrong-shape", "unexpected-tensor"])
 def test_bad_checkpoint_raises_config_error(broken, damage, message: str) -> None:
     damage(broken)

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -35,13 +34,12 @@ import optax
 from constrained_rl import parallel
 from constrained_rl.config import ConfigError, require
 from constrained_rl.data import synthetic_safety
-from constrained_rl.models import hf_checkpoint, llama
+from constrained_rl.models import hf_checkpoint, hf_export, llama
 from constrained_rl.models import tokenizer as tokenizer_lib
 from constrained_rl.schedules import learning_rate_schedule  # also common.learning_rate_schedule
 
 SYNTHETIC = "synthetic"
 MODEL_DIR = "model"  # the Hugging Face export inside the run directory
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 PyTree = Any
 Arrays = dict[str, np.ndarray]
@@ -168,13 +166,11 @@ def open_model_source(source: Source, dtype: str) -> ModelSource:
 
 
 def save_tokenizer(directory: str, model_source: ModelSource) -> None:
-    """Writes the tokenizer files next to an exported model so that ``load_tokenizer(directory)`` reads it."""
+    """Writes the tokenizer files (and chat template) next to an exported model so that ``load_tokenizer`` and
+    transformers' ``AutoTokenizer`` read it (``hf_export.write_tokenizer_files``)."""
     os.makedirs(directory, exist_ok=True)
     if model_source.directory is not None:
-        for name in TOKENIZER_FILES:
-            path = os.path.join(model_source.directory, name)
-            if os.path.isfile(path):
-                shutil.copyfile(path, os.path.join(directory, name))
+        hf_export.write_tokenizer_files(model_source.directory, directory)
         return
     model_source.task.save_tokenizer(os.path.join(directory, "tokenizer.json"))
     special = {"bos_token": synthetic_safety.BOS, "eos_token": synthetic_safety.EOS,

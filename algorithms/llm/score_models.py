@@ -17,8 +17,9 @@ is predicted unsafe when c > 0, which is the constraint C(x, y) <= 0 of the RL s
 Experiments ``reward_model`` (:func:`run_reward_model`) and ``cost_model`` (:func:`run_cost_model`)
 share :class:`Config`. They report held-out ranking accuracy (the better / less safe response scores
 higher) and, for the cost model, sign accuracy (safe vs unsafe classification), and export
-``<run dir>/model`` in Hugging Face format with the head (``score_head.weight``), which the RL stage
-loads with ``constrained_rl.models.load_score_model``.
+``<run dir>/model`` in transformers' sequence-classification layout (head ``score.weight``; a head with a
+bias in Safe-RLHF's ``score_head`` layout), which the RL stage loads with
+``constrained_rl.models.load_score_model`` and transformers with ``AutoModelForSequenceClassification``.
 """
 
 from __future__ import annotations
@@ -163,8 +164,10 @@ def init_model(model_source: common.ModelSource, score_bias: bool, key: jax.Arra
 
 def export(directory: str, model: score.LlamaForScore, params: Any, model_source: common.ModelSource,
            dtype: str) -> None:
-    """Writes backbone, head and config.json (Hugging Face layout) and the tokenizer files."""
-    score.save_score_model(directory, model, {"params": parallel.to_host(params)}, dtype=dtype)
+    """Writes backbone, head and config.json (transformers' sequence-classification layout, see
+    ``constrained_rl.models.score``) and the tokenizer files."""
+    score.save_score_model(directory, model, {"params": parallel.to_host(params)}, dtype=dtype,
+                           pad_token_id=model_source.tokenizer.pad_id)
     common.save_tokenizer(directory, model_source)
 
 

@@ -8,7 +8,8 @@ tokens being context only (``constrained_rl.preference_losses.sft_loss``).
 Experiment ``sft``: trains a Llama-family model from ``source.model`` on ``source.data`` (PKU-style
 ``prompt`` / ``response`` rows, or the synthetic task's behaviour-policy demonstrations), reports the
 held-out response NLL and next-token accuracy before and after, and exports the model in Hugging Face
-format to ``<run dir>/model`` (config.json, model.safetensors, tokenizer files): the actor and reference
+format to ``<run dir>/model`` (config.json, model.safetensors, generation_config.json, tokenizer files and
+chat template, ``constrained_rl.models.hf_export``): the actor and reference
 model of the RL stage, and the backbone of the reward and cost models.
 """
 
@@ -24,8 +25,9 @@ import numpy as np
 from algorithms.llm import common
 from constrained_rl import parallel, preference_losses
 from constrained_rl.data import preference, synthetic_safety
-from constrained_rl.models import hf_checkpoint, llama
+from constrained_rl.models import hf_checkpoint, hf_export, llama
 from constrained_rl.config import Experiment
+from constrained_rl.sampling import SamplingConfig
 
 STAGE = "sft"
 
@@ -84,11 +86,13 @@ def init_model(model_source: common.ModelSource, key: jax.Array) -> tuple[llama.
 
 
 def export(directory: str, model: llama.LlamaForCausalLM, params: Any, model_source: common.ModelSource,
-           dtype: str) -> None:
-    """Writes the Hugging Face checkpoint (weights in ``dtype``, gathered from every device) and the tokenizer
-    files."""
+           dtype: str, sampling: SamplingConfig | None = None) -> None:
+    """Writes the Hugging Face checkpoint (weights in ``dtype``, gathered from every device), the tokenizer
+    files and chat template, and ``generation_config.json``: the source's with this model's token ids, and
+    with ``sampling`` (a policy trained on its samples) how it sampled."""
     hf_checkpoint.save_causal_lm(directory, model, {"params": parallel.to_host(params)}, dtype=dtype)
     common.save_tokenizer(directory, model_source)
+    hf_export.write_generation_config(directory, model.config, model_source.directory, sampling)
 
 
 def train(config: Config, ctx) -> common.Trained:

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from typing import Any
 
@@ -74,9 +74,10 @@ NAME_RULES: tuple[tuple[str, str, bool], ...] = (
     (r"^score_head/bias$", r"score_head.bias", False),
 )
 # Tensors a checkpoint may hold that the model being loaded does not use: the other kind of head (an LM
-# checkpoint loaded as a score-model backbone and vice versa), rotary buffers older exports kept, and the
-# score normaliser statistics Safe-RLHF score models save.
-IGNORABLE_TENSORS = r"(^lm_head\.|^score_head\.|rotary_emb\.inv_freq$|^normalizer\.)"
+# checkpoint loaded as a score-model backbone and vice versa; ``score.*`` is transformers' sequence-
+# classification head), rotary buffers older exports kept, and the score normaliser statistics Safe-RLHF
+# score models save.
+IGNORABLE_TENSORS = r"(^lm_head\.|^score_head\.|^score\.|rotary_emb\.inv_freq$|^normalizer\.)"
 
 
 def hf_tensor_name(path: str) -> tuple[str, bool]:
@@ -85,6 +86,10 @@ def hf_tensor_name(path: str) -> tuple[str, bool]:
         if re.match(pattern, path):
             return re.sub(pattern, template, path), transpose
     raise ValueError(f"no Hugging Face name for parameter {path!r}")
+
+
+# (our parameter path) -> (tensor name, transpose?): hf_tensor_name, or a layout's own names on top of it
+TensorName = Callable[[str], tuple[str, bool]]
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -308,14 +313,14 @@ def _param_shapes(model: nn.Module) -> dict[str, jax.ShapeDtypeStruct]:
     return traverse_util.flatten_dict(abstract["params"], sep="/")
 
 
-def load_params(directory: str, model: nn.Module, fresh: Mapping[str, np.ndarray] | None = None
-                ) -> dict[str, Any]:
+def load_params(directory: str, model: nn.Module, fresh: Mapping[str, np.ndarray] | None = None, *,
+                tensor_name: TensorName = hf_tensor_name) -> dict[str, Any]:
     """Variables ``{"params": ...}`` of ``model`` read from a checkpoint directory.
 
-    Each parameter is looked up by :data:`NAME_RULES`, checked against the shape the model expects,
-    transposed where needed and cast to ``model.config.param_dtype``. A parameter the checkpoint lacks is
-    taken from ``fresh`` (flat path -> array) when given there, else it is an error. Tensors the model does
-    not use are an error unless they match :data:`IGNORABLE_TENSORS`.
+    Each parameter is looked up by ``tensor_name`` (default: :data:`NAME_RULES`), checked against the shape
+    the model expects, transposed where needed and cast to ``model.config.param_dtype``. A parameter the
+    checkpoint lacks is taken from ``fresh`` (flat path -> array) when given there, else it is an error.
+    Tensors the model does not use are an error unless they match :data:`IGNORABLE_TENSORS`.
     """
     files = tensor_files(directory)
     dtype = jnp.dtype(model.config.param_dtype)
@@ -324,7 +329,7 @@ def load_params(directory: str, model: nn.Module, fresh: Mapping[str, np.ndarray
     with ExitStack() as stack:
         reader = _TensorReader(files, stack)
         for path, abstract in _param_shapes(model).items():
-            name, transpose = hf_tensor_name(path)
+            name, transpose = tensor_name(path)
             if name not in files:
                 if path in fresh:
                     flat[path] = np.asarray(fresh[path], dtype)
@@ -349,11 +354,12 @@ def _where(directory: str, files: Mapping[str, str]) -> str:
     return single if single in set(files.values()) else os.path.join(directory, INDEX_FILE)
 
 
-def hf_tensors(variables: Mapping[str, Any], dtype: str | None = None) -> dict[str, np.ndarray]:
+def hf_tensors(variables: Mapping[str, Any], dtype: str | None = None, *,
+               tensor_name: TensorName = hf_tensor_name) -> dict[str, np.ndarray]:
     """Hugging Face name -> numpy tensor for every parameter (linear kernels transposed back)."""
     out = {}
     for path, value in traverse_util.flatten_dict(variables["params"], sep="/").items():
-        name, transpose = hf_tensor_name(path)
+        name, transpose = tensor_name(path)
         array = np.asarray(jax.device_get(value))
         if dtype is not None:
             array = array.astype(jnp.dtype(dtype))
@@ -377,13 +383,15 @@ def _shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> Iterator
 
 def save_params(directory: str, model: nn.Module, variables: Mapping[str, Any], *,
                 extra_config: Mapping[str, Any] | None = None, architecture: str = "LlamaForCausalLM",
-                dtype: str | None = None, max_shard_bytes: int | None = None) -> None:
+                dtype: str | None = None, max_shard_bytes: int | None = None,
+                tensor_name: TensorName = hf_tensor_name) -> None:
     """Writes ``config.json`` and the weights in Hugging Face layout, sharded when over ``max_shard_bytes``.
 
-    ``dtype`` converts the stored tensors (default: as they are); ``extra_config`` adds config fields.
+    ``dtype`` converts the stored tensors (default: as they are); ``extra_config`` adds config fields;
+    ``tensor_name`` names the tensors (default: :data:`NAME_RULES`).
     """
     os.makedirs(directory, exist_ok=True)
-    tensors = hf_tensors(variables, dtype)
+    tensors = hf_tensors(variables, dtype, tensor_name=tensor_name)
     config = {**config_to_hf_dict(model.config, architecture), **dict(extra_config or {})}
     if dtype is not None:
         config["torch_dtype"] = dtype

@@ -71,7 +71,9 @@ def test_export_loads_back_with_its_head(which, reward, cost) -> None:
     np.testing.assert_allclose(loaded, expected, rtol=1e-5, atol=1e-6)
     assert abs(float(loaded[0] - loaded[1])) > 1e-4  # the mask matters, so the comparison is not vacuous
     config = json.loads(pathlib.Path(result.model_dir, "config.json").read_text())
-    assert config["architectures"] == ["LlamaForScore"] and config["score_dim"] == 1
+    # transformers' sequence-classification layout, padding id included (it finds the scored token by it)
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+    assert config["pad_token_id"] == tokenizer.pad_id
 
 
 def test_registry_rows_reach_both_trainers() -> None:

@@ -17,10 +17,13 @@ Stages (each resumable: a finished stage is restored from its checkpoint and ski
    state, on the shared machinery of :mod:`algorithms.llm.rlhf_ppo`; ``safe_rlhf_group`` and ``repo_group``
    are the same methods without critics (``ppo.advantage = "group"`` for that stage alone); ``safedpo`` and
    ``sacpo`` (:mod:`algorithms.llm.dpo`) learn offline from the SFT model on the score models' comparisons,
-   one sub-run per seed;
+   one sub-run per seed. Every method's seed i is exported as a Hugging Face directory
+   ``<run>/<method>_seed<i>/model`` (:func:`export_policies`; transformers loads it as it is);
 4. evaluation of the SFT model and of every method and seed on the held-out prompts
    (``constrained_rl.llm_evaluation``), with the exact scorers on the synthetic task and the learned
    reward / cost models elsewhere; ``results.csv``, ``results.md`` (mean +- std over seeds) and plots.
+   Each method is evaluated as soon as it has trained, and what it held is released
+   (:func:`release_memory`) before the next one starts: only its table rows stay.
 
 With devices (``--num-devices N``, ``--distributed``: ``ctx.mesh``) every stage lays its models out fully
 sharded over them (``parallel.model_rules``: the runner's ``"data"`` axis plays the fsdp role): SFT and
@@ -47,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from algorithms.llm import common, dpo, repo, rlhf_ppo, safe_rlhf, score_models, sft
-from constrained_rl import lagrangian, llm_evaluation, parallel, plotting
+from constrained_rl import lagrangian, llm_evaluation, memory, parallel, plotting
 from constrained_rl.config import ConfigError, Experiment, require
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import hf_checkpoint, score
@@ -244,6 +247,7 @@ class Setup(NamedTuple):
     eval_scorers: tuple[rlhf_ppo.Scorer, rlhf_ppo.Scorer]  # (reward, cost) used for evaluation
     eval_scorer_params: tuple[Any, Any]
     ptx: rlhf_ppo.PTXData | None
+    actor_source: common.ModelSource | None = None  # the SFT model's tokenizer and template (policy exports)
 
 
 SYNTHETIC_MAX_PROMPT_LENGTH = 12  # the synthetic task's prompts have 8-9 tokens
@@ -335,7 +339,8 @@ def build_setup(config: Config, directories: dict[str, str], data: dict[str, Pat
         category_names=names,
         eval_scorers=eval_scorers,
         eval_scorer_params=eval_params,
-        ptx=ptx)
+        ptx=ptx,
+        actor_source=model_source)
 
 
 def place_setup(setup: Setup, mesh: jax.sharding.Mesh) -> Setup:
@@ -521,19 +526,43 @@ def plot_categories(run_dir: Path, rows: dict[str, list[dict[str, float]]], cate
     return plotting.save(figure, run_dir / "plots" / "safe_rate_by_category.png")
 
 
-def evaluate_all(config: Config, setup: Setup, actors: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
-    """Table rows of the SFT model and of each method's seeds (``actors``: variables with a leading seed
-    axis) on the held-out prompts."""
-    evaluate = make_evaluator(config, setup)
-    eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000)
-    seed_eval_keys = jax.random.split(eval_key, config.num_seeds)
-    base = parallel.to_host(evaluate(setup.actor_params, eval_key))
-    rows = {"sft": [report_row(config, setup, base, base)]}
-    for method, actor in actors.items():
-        scores = parallel.to_host(jax.vmap(evaluate)(actor, seed_eval_keys))
-        rows[method] = [report_row(config, setup, jax.tree_util.tree_map(lambda x: x[i], scores), base)
-                        for i in range(config.num_seeds)]
-    return rows
+def eval_key(config: Config) -> jax.Array:
+    """The key of the held-out evaluation (the SFT model's; seed i of a method takes split i of it)."""
+    return jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000)
+
+
+def evaluate_seeds(config: Config, setup: Setup, evaluate: Callable, actor: Any, base: dict[str, np.ndarray]
+                   ) -> list[dict[str, float]]:
+    """Table rows of one method's seeds (``actor``: variables with a leading seed axis) against the SFT
+    responses ``base``, on the held-out prompts."""
+    seed_eval_keys = jax.random.split(eval_key(config), config.num_seeds)
+    scores = parallel.to_host(jax.vmap(evaluate)(actor, seed_eval_keys))
+    return [report_row(config, setup, jax.tree_util.tree_map(lambda x: x[i], scores), base)
+            for i in range(config.num_seeds)]
+
+
+def policy_dir(ctx: Any, method: str, seed: int) -> Path:
+    """Where seed ``seed`` of ``method`` is exported: ``<run>/<method>_seed<i>/model`` (SafeDPO and SACPO's
+    sub-runs export there too)."""
+    return Path(ctx.run_dir) / f"{method}_seed{seed}" / common.MODEL_DIR
+
+
+def export_policies(method: str, config: Config, setup: Setup, actor: Any, ctx: Any) -> list[str]:
+    """Each seed's RL policy as a Hugging Face directory (``sft.export``: weights, tokenizer files, chat
+    template, and a generation config with the rollouts' sampling); returns the directories."""
+    sampling = rlhf_ppo.sampling_config(setup.models, config.ppo)
+    directories = []
+    for seed in range(config.num_seeds):
+        directory = policy_dir(ctx, method, seed)
+        params = jax.tree_util.tree_map(lambda x: x[seed], actor["params"])
+        sft.export(str(directory), setup.models.actor, params, setup.actor_source, "float32", sampling)
+        directories.append(str(directory))
+    return directories
+
+
+def release_memory() -> None:
+    """Between two methods: what the last one held (train state, policies) goes back to the system."""
+    memory.release_freed_memory()
 
 
 def run(config: Config, ctx: Any) -> dict[str, float]:
@@ -546,11 +575,20 @@ def run(config: Config, ctx: Any) -> dict[str, float]:
     if ctx.mesh is not None:
         setup = place_setup(setup, ctx.mesh)
     _check_prompt_pool(config, setup)
-    # Only each method's actors outlive its stage (critics, moments and the rest are released).
-    actors = {method: train_preference_method(method, config, directories, data, ctx)
-              if method in PREFERENCE_METHODS else train_method(method, config, setup, ctx).actor
-              for method in config.methods}
-    rows = evaluate_all(config, setup, actors)
+    evaluate = make_evaluator(config, setup)
+    base = parallel.to_host(evaluate(setup.actor_params, eval_key(config)))
+    rows = {"sft": [report_row(config, setup, base, base)]}
+    # One method at a time: trained, exported, evaluated, then released before the next one trains (only
+    # its table rows stay).
+    for method in config.methods:
+        if method in PREFERENCE_METHODS:
+            actor = train_preference_method(method, config, directories, data, ctx)
+        else:
+            actor = train_method(method, config, setup, ctx).actor
+            export_policies(method, config, setup, actor, ctx)
+        rows[method] = evaluate_seeds(config, setup, evaluate, actor, base)
+        del actor
+        release_memory()
     if ctx.is_main:  # one writer in a multi-process run
         run_dir = Path(ctx.run_dir)
         write_tables(run_dir, rows, setup.category_names)

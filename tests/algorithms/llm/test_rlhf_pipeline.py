@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 
+import jax
+import numpy as np
 import pytest
+import torch
+import transformers
 
 from algorithms.llm import dpo, rlhf_pipeline
 from constrained_rl.config import ConfigError
+from constrained_rl.models import hf_checkpoint
 from experiments import cli, registry
 from experiments.context import RunContext
 
@@ -20,11 +26,22 @@ TINY = rlhf_pipeline.Config(
     eval_responses_per_prompt=1)
 
 
+HELD_AFTER_METHODS: list[list[tuple[int, ...]]] = []  # shapes of the live arrays once each method is released
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("rlhf_pipeline")
     ctx = RunContext(run_dir, progress=False)
-    summary = rlhf_pipeline.run(TINY, ctx)
+    release = rlhf_pipeline.release_memory
+
+    def release_and_look() -> None:
+        release()
+        HELD_AFTER_METHODS.append([array.shape for array in jax.live_arrays()])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rlhf_pipeline, "release_memory", release_and_look)
+        summary = rlhf_pipeline.run(TINY, ctx)
     ctx.close()
     return run_dir, summary
 
@@ -47,6 +64,45 @@ def test_writes_every_stage_and_the_table(finished_run):
     assert set(summary) >= {"repo/safe_rate", "repo/interference", "sft/mean_reward", "repo/safe_rate/harmful"}
     # The SFT row's arena is against itself: every pair ties.
     assert summary["sft/arena/helpfulness_tie"] == 1.0
+
+
+def test_rl_policies_load_in_transformers_with_the_same_logits(finished_run):
+    run_dir, _ = finished_run
+    tokens = np.asarray([[1, 5, 9, 12, 7], [0, 0, 1, 8, 6]])  # a left-padded row: positions count real tokens
+    mask = np.asarray([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    real = mask.astype(bool)
+    sft_model, sft_variables = hf_checkpoint.load_causal_lm(str(run_dir / "sft" / "model"))
+    apply = jax.jit(lambda variables: sft_model.apply(variables, tokens, attention_mask=mask).logits)
+    sft_logits = np.asarray(apply(sft_variables))[real]
+    for seed in range(TINY.num_seeds):
+        directory = run_dir / f"repo_seed{seed}" / "model"
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+        with torch.no_grad():
+            theirs = hf_model(torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                              position_ids=torch.tensor(np.maximum(np.cumsum(mask, axis=1) - 1, 0))).logits.numpy()
+        model, variables = hf_checkpoint.load_causal_lm(str(directory))
+        assert model.config == sft_model.config
+        ours = np.asarray(apply(variables))[real]
+        np.testing.assert_allclose(theirs[real], ours, rtol=1e-4, atol=1e-4)
+        assert np.abs(ours - sft_logits).max() > 1e-4  # the trained policy, not the SFT model
+        generation = json.loads((directory / "generation_config.json").read_text())
+        assert generation == {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id[0],
+                              "pad_token_id": model.config.pad_token_id, "do_sample": True,
+                              "temperature": TINY.ppo.temperature, "top_k": 0, "top_p": 1.0,
+                              "max_new_tokens": TINY.ppo.max_new_tokens}
+    text = "how do i weapons"
+    assert transformers.AutoTokenizer.from_pretrained(directory)(text).input_ids == \
+        transformers.AutoTokenizer.from_pretrained(run_dir / "sft" / "model")(text).input_ids
+
+
+def test_a_finished_method_holds_no_arrays(finished_run):
+    run_dir, _ = finished_run
+    config = json.loads((run_dir / "sft" / "model" / "config.json").read_text())
+    # The seed-stacked embedding of the actor (and of its critics and AdamW moments) would outlive the stage if
+    # anything kept its train state or policies.
+    seed_stacked = (TINY.num_seeds, config["vocab_size"], config["hidden_size"])
+    assert len(HELD_AFTER_METHODS) == len(TINY.methods)
+    assert all(seed_stacked not in shapes for shapes in HELD_AFTER_METHODS), HELD_AFTER_METHODS
 
 
 def test_resume_restores_finished_stages(finished_run):

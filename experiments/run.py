@@ -73,6 +73,7 @@ the RLHF pipeline's sft/, ...) are run directories inside it, each with its own 
   --config FILE     settings from a .json or .toml file (command-line settings win)
   --run-dir DIR     where to write the run
   --resume DIR      continue an interrupted run from its last checkpoint (reads DIR/config.json)
+  --keep-checkpoints N  checkpoints kept per stage, the newest (default 2; a stage's last is always kept)
   --KEY VALUE       set a config field; nested fields by dotted keys (--actor.learning_rate 3e-4);
                     tuples as 1,2,3; Optional fields take none
 
@@ -91,11 +92,12 @@ Weights & Biases (off unless --wandb.project is given; needs pip install wandb):
 """
 
 # Runner flags that take a value; everything else starting with "--" is a config override.
-_VALUE_FLAGS = {"--config", "--run-dir", "--resume", "--stop-after-chunks", "--num-devices",
+_VALUE_FLAGS = {"--config", "--run-dir", "--resume", "--keep-checkpoints", "--stop-after-chunks", "--num-devices",
                 "--coordinator-address", "--num-processes", "--process-id"}
 _WANDB_FLAGS = {"--wandb.project": "project", "--wandb.entity": "entity", "--wandb.mode": "mode",
                 "--wandb.name": "name"}
-_INT_FLAGS = {"--stop-after-chunks": "stop_after_chunks", "--num-devices": "num_devices",
+_INT_FLAGS = {"--keep-checkpoints": "keep_checkpoints", "--stop-after-chunks": "stop_after_chunks",
+              "--num-devices": "num_devices",
               "--num-processes": "num_processes", "--process-id": "process_id"}
 
 
@@ -108,6 +110,7 @@ class Invocation:
     config_file: str | None = None  # --config
     run_dir: str | None = None  # --run-dir
     resume: str | None = None  # --resume
+    keep_checkpoints: int = 2  # --keep-checkpoints: per stage, the newest this many are kept
     list_experiments: bool = False  # --list
     help: bool = False  # --help / -h
     stop_after_chunks: int | None = None  # hidden test hook: interrupt after this many chunks
@@ -185,6 +188,9 @@ def _set_runner_flag(invocation: Invocation, flag: str, value: str | None) -> No
             setattr(invocation, _INT_FLAGS[flag], int(value))
         except ValueError:
             raise ConfigError(f"{flag}: expected an int, got {value!r}") from None
+        if flag == "--keep-checkpoints" and invocation.keep_checkpoints < 1:
+            raise ConfigError(f"{flag}: must be >= 1 (a stage's last checkpoint is what a resume starts from), "
+                              f"got {value}")
 
 
 def _file_overrides(path: str, name: str) -> list[cli.Override]:
@@ -384,7 +390,8 @@ def _execute(invocation: Invocation, held: _Held) -> int:
     if wandb is not None and main_process:
         record = {"experiment": experiment.name, "config": cli.config_to_dict(config)}
         wandb_logger = tracking.start(wandb_settings, wandb, run_dir, record)
-    ctx = RunContext(run_dir, stop_after_chunks=invocation.stop_after_chunks, mesh=mesh, wandb=wandb_logger)
+    ctx = RunContext(run_dir, stop_after_chunks=invocation.stop_after_chunks, mesh=mesh, wandb=wandb_logger,
+                     max_checkpoints_to_keep=invocation.keep_checkpoints)
     if main_process:
         print(f"{experiment.name}: run directory {run_dir}")
     started = time.perf_counter()

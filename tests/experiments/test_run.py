@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 from typing import Literal, Optional
 
+import jax.numpy as jnp
 import pytest
 
 from constrained_rl.config import ConfigError, require
@@ -212,6 +213,22 @@ def test_a_summary_report_is_printed_in_place_of_the_figures(tmp_path, monkeypat
     assert "score:" not in out and "wall_time_s" not in out and "summary.json" in out.splitlines()[-1]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["score"] == 0.5 and "report" not in summary
+
+def test_keep_checkpoints_bounds_a_stage(tmp_path, monkeypatch, capsys):
+    def chunked_run(config, ctx):
+        ctx.loop("main", lambda: {"x": jnp.zeros(())}, lambda s: ({"x": s["x"] + 1}, {"x": s["x"]}), 3,
+                 checkpoint_every=1)
+        return {}
+
+    experiment = types.SimpleNamespace(name="chunked", config_cls=ReportingConfig, run=chunked_run)
+    monkeypatch.setattr(registry, "load", lambda name: experiment)
+    for flags, kept in (([], ["2", "3"]), (["--keep-checkpoints", "1"], ["3"])):
+        run_dir = tmp_path / f"run{len(flags)}"
+        assert run.main(["chunked", "--run-dir", str(run_dir), *flags]) == 0
+        assert sorted(p.name for p in (run_dir / "checkpoints" / "main").iterdir()) == kept
+    assert run.main(["chunked", "--run-dir", str(tmp_path / "none"), "--keep-checkpoints", "0"]) == 2
+    assert "error: --keep-checkpoints: must be >= 1" in capsys.readouterr().err
+
 
 def test_run_directory_records_the_environment_and_resume_rewrites_it(tmp_path, monkeypatch):
     from experiments import provenance

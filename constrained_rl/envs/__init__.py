@@ -119,33 +119,38 @@ def task_layout(name: str) -> Layout:
     return HostTaskEnv(name).layout if is_host_task(name) else make(name).layout
 
 
-def evaluate_runs(env: Env | HostTaskEnv, policy_fn: Any, policy_params: Any, keys: jax.Array, num_episodes: int,
+def evaluate_runs(env: Env | HostTaskEnv, policy: Any, policy_params: Any, keys: jax.Array, num_episodes: int,
                   policy_layout: Layout | None = None):
     """``num_episodes`` episodes per run, ``EpisodeStats [R, num_episodes]`` (params with a leading run axis).
 
-    A JAX task plays them on the device, all runs at once (``vmap`` of ``rollouts.evaluate_episodes``);
-    a real task on the host (:func:`host.evaluate_runs`), which demands ``policy_layout``. A given
-    ``policy_layout`` is checked against the task's on either (``ConfigError`` at the first mismatch).
+    ``policy`` is memoryless (``policy_fn(params, obs, key)``) or a ``rollouts.HistoryPolicy``. A JAX task
+    plays the episodes on the device, all runs at once (``vmap`` of ``rollouts.evaluate_episodes`` or
+    ``rollouts.evaluate_history_episodes``); a real task on the host (:func:`host.evaluate_runs`), which
+    demands ``policy_layout``. A given ``policy_layout`` is checked against the task's on either
+    (``ConfigError`` at the first mismatch).
     """
     if isinstance(env, HostTaskEnv):
         from constrained_rl.envs import host
 
-        return host.evaluate_runs(env.name, policy_fn, policy_params, keys, num_episodes, policy_layout=policy_layout)
+        return host.evaluate_runs(env.name, policy, policy_params, keys, num_episodes, policy_layout=policy_layout)
     if policy_layout is not None:
         check_layout(policy_layout, env.layout, task="this JAX task")
-    return _device_evaluator(env, policy_fn, num_episodes)(policy_params, keys)
+    return _device_evaluator(env, policy, num_episodes)(policy_params, keys)
 
 
 _DEVICE_EVALUATORS: dict[tuple, Any] = {}
 
 
-def _device_evaluator(env: Env, policy_fn: Any, num_episodes: int):
-    """``jit(vmap(evaluate_episodes))`` over runs, cached per (env, policy, episodes)."""
+def _device_evaluator(env: Env, policy: Any, num_episodes: int):
+    """``jit(vmap(evaluate_episodes))`` (``evaluate_history_episodes`` for a history policy) over runs,
+    cached per (env, policy, episodes)."""
     from constrained_rl import rollouts  # rollouts imports this package's base module
 
-    key = (env, policy_fn, num_episodes)
+    key = (env, policy, num_episodes)
     if key not in _DEVICE_EVALUATORS:
-        one_run = lambda params, run_key: rollouts.evaluate_episodes(env, policy_fn, params, run_key, num_episodes)
+        evaluate = (rollouts.evaluate_history_episodes if isinstance(policy, rollouts.HistoryPolicy)
+                    else rollouts.evaluate_episodes)
+        one_run = lambda params, run_key: evaluate(env, policy, params, run_key, num_episodes)
         _DEVICE_EVALUATORS[key] = jax.jit(jax.vmap(one_run))
     return _DEVICE_EVALUATORS[key]
 

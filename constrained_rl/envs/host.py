@@ -13,6 +13,11 @@ an environment that finished waits for the others, and the next wave starts when
 thus has the shape of the on-device evaluator (a batch of episodes from their first step), so a policy
 batched over episodes runs unchanged, and evaluation plays exactly ``num_episodes`` complete episodes.
 
+A policy with memory (:class:`~constrained_rl.rollouts.HistoryPolicy`, CDT's context window) plays in the
+same loop: each slot keeps its own memory, started from its first observation and updated from each step's
+transition (reward, cost, next observation, done), all slots at once by one jitted call vmapped over them
+with each slot's run parameters (:func:`slot_actor`).
+
 Seeding: episode ``i`` of a run gets the seed ``seeds[i]`` (drawn from the run's key) and the worker seeds
 the global generators with it before the reset (see :mod:`~constrained_rl.envs.host_worker`); its policy
 noise comes from ``fold_in(fold_in(key, i), t)``. An episode therefore depends on its run's key and its
@@ -36,7 +41,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +50,8 @@ import numpy as np
 from constrained_rl.config import ConfigError, require
 from constrained_rl.envs import host_worker
 from constrained_rl.envs import layout as layouts
-from constrained_rl.rollouts import EpisodeStats, PolicyFn
+# A module import: rollouts imports this package (envs.base), so its names are read at call time.
+from constrained_rl import rollouts
 
 WORKER_SCRIPT = Path(__file__).with_name("host_worker.py")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -299,18 +305,67 @@ def episode_seeds(key: jax.Array, num_episodes: int) -> np.ndarray:
     return np.asarray(jax.random.randint(key, (num_episodes,), 0, 2**31 - 1))
 
 
+def _own(params: Any, run: jax.Array) -> Any:
+    """One run's parameters out of parameters with a leading run axis ``[R, ...]``."""
+    return jax.tree.map(lambda leaf: leaf[run], params)
+
+
 @functools.lru_cache(maxsize=16)
-def batched_actor(policy_fn: PolicyFn):
+def batched_actor(policy_fn: rollouts.PolicyFn):
     """Jitted ``(params [R, ...], run_index [S], obs [S, obs], episode_keys [S], t) -> actions [S, act]``.
 
     Slot ``s`` acts with run ``run_index[s]``'s parameters and the key ``fold_in(episode_keys[s], t)``.
     """
 
     def one(params: Any, run: jax.Array, obs: jax.Array, episode_key: jax.Array, t: jax.Array) -> jax.Array:
-        own = jax.tree.map(lambda leaf: leaf[run], params)
-        return policy_fn(own, obs, jax.random.fold_in(episode_key, t))[0]
+        return policy_fn(_own(params, run), obs, jax.random.fold_in(episode_key, t))[0]
 
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, None)))
+
+
+class SlotActor(NamedTuple):
+    """A policy as :func:`play` plays it over a wave's ``S`` slots (slot ``s``: run ``runs[s]``'s parameters,
+    its episode's key ``keys[s]``); ``memory`` is per slot (``None`` for a memoryless policy).
+
+    ``start(params, runs, obs) -> memory``; ``act(params, runs, memory, obs, keys, t) -> (actions [S, act],
+    memory)``; ``remember(params, runs, memory, transition [S, ...]) -> memory``.
+    """
+
+    start: Callable[..., Any]
+    act: Callable[..., tuple[jax.Array, Any]]
+    remember: Callable[..., Any]
+
+
+@functools.lru_cache(maxsize=16)
+def slot_actor(policy: rollouts.PolicyFn | rollouts.HistoryPolicy) -> SlotActor:
+    """The :class:`SlotActor` of a memoryless policy (:func:`batched_actor`, no memory) or of a
+    :class:`~constrained_rl.rollouts.HistoryPolicy`.
+
+    A history policy is batched over episodes; here every slot is a batch of one episode with its own
+    run's parameters, vmapped over the slots: slot ``s`` starts its memory from its first observation,
+    acts with the key ``fold_in(keys[s], t)`` (the memoryless policy's key, so both play the same
+    episodes) and remembers each step's transition.
+    """
+    if not isinstance(policy, rollouts.HistoryPolicy):
+        act = batched_actor(policy)
+        return SlotActor(start=lambda params, runs, obs: None,
+                         act=lambda params, runs, memory, obs, keys, t: (act(params, runs, obs, keys, t), None),
+                         remember=lambda params, runs, memory, transition: None)
+
+    def start(params: Any, run: jax.Array, obs: jax.Array) -> Any:
+        return policy.start(_own(params, run), obs[None])
+
+    def act(params: Any, run: jax.Array, memory: Any, episode_key: jax.Array, t: jax.Array) -> tuple[jax.Array, Any]:
+        action, memory = policy.act(_own(params, run), memory, jax.random.fold_in(episode_key, t))
+        return action[0], memory
+
+    def remember(params: Any, run: jax.Array, memory: Any, transition: rollouts.Transition) -> Any:
+        return policy.remember(_own(params, run), memory, jax.tree.map(lambda leaf: leaf[None], transition))
+
+    batched_act = jax.jit(jax.vmap(act, in_axes=(None, 0, 0, 0, None)))
+    return SlotActor(start=jax.jit(jax.vmap(start, in_axes=(None, 0, 0))),
+                     act=lambda params, runs, memory, obs, keys, t: batched_act(params, runs, memory, keys, t),
+                     remember=jax.jit(jax.vmap(remember, in_axes=(None, 0, 0, 0))))
 
 
 class Episodes(NamedTuple):
@@ -335,15 +390,18 @@ def plan_episodes(keys: jax.Array, num_episodes: int) -> Episodes:
                     seeds, episode_keys.reshape((num_runs * num_episodes,) + episode_keys.shape[2:]))
 
 
-def play(pool: HostPool, policy_fn: PolicyFn, params: Any, episodes: Episodes,
-         record: bool = False, wave_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, np.ndarray]] | None]:
+def play(pool: HostPool, policy: rollouts.PolicyFn | rollouts.HistoryPolicy, params: Any, episodes: Episodes,
+         record: bool = False, wave_size: int | None = None
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, np.ndarray]] | None]:
     """Plays every planned episode to its end in waves of up to ``wave_size`` (default ``pool.size``) episodes.
 
-    Returns per-episode reward returns, cost returns and lengths ``[N]``, and with ``record`` each
+    ``policy`` is memoryless (``policy_fn(params, obs, key)``) or a
+    :class:`~constrained_rl.rollouts.HistoryPolicy` (:func:`slot_actor`); ``params`` carry a leading run
+    axis. Returns per-episode reward returns, cost returns and lengths ``[N]``, and with ``record`` each
     episode's transitions in DSRL's keys (``observations``, ``next_observations``, ``actions``,
     ``rewards``, ``costs``, ``terminals``, ``timeouts``), ``[length, ...]`` each.
     """
-    act = batched_actor(policy_fn)
+    actor = slot_actor(policy)
     count = len(episodes.runs)
     totals = np.zeros((3, count))
     recorded: list[dict[str, np.ndarray]] | None = [] if record else None
@@ -352,15 +410,24 @@ def play(pool: HostPool, policy_fn: PolicyFn, params: Any, episodes: Episodes,
         wave = np.arange(start, min(start + wave_size, count))
         n = len(wave)
         padded = np.concatenate([wave, np.full(wave_size - n, wave[0])])  # a fixed batch: one compile
+
+        def full(values: np.ndarray, dtype=np.float32) -> np.ndarray:
+            """``values`` of the wave's ``n`` episodes, zero-padded to the fixed batch."""
+            return np.concatenate([values, np.zeros((wave_size - n,) + values.shape[1:], values.dtype)]).astype(dtype)
+
         runs, keys = jnp.asarray(episodes.runs[padded]), episodes.keys[padded]
         obs = pool.reset(episodes.seeds[wave])
+        memory = actor.start(params, runs, full(obs))
         alive = np.ones(n, bool)
         steps: list[tuple[np.ndarray, ...]] = []
         for t in range(pool.episode_length):
-            full_obs = np.concatenate([obs, np.zeros((wave_size - n, obs.shape[1]), obs.dtype)])
-            actions = np.asarray(act(params, runs, full_obs, keys, t))[:n]
+            wave_actions, memory = actor.act(params, runs, memory, full(obs), keys, t)
+            actions = np.asarray(wave_actions)[:n]
             next_obs, reward, cost, terminated, truncated = pool.step(actions, alive)
             truncated = truncated | (alive & (t + 1 == pool.episode_length) & ~terminated)
+            memory = actor.remember(params, runs, memory, rollouts.Transition(
+                obs=full(obs), action=np.asarray(wave_actions), reward=full(reward), cost=full(cost),
+                termination=full(terminated), truncation=full(truncated), next_obs=full(next_obs), extras={}))
             totals[:, wave] += np.stack([reward, cost, alive.astype(float)])
             if record:
                 steps.append((obs, next_obs, actions, reward, cost, terminated, truncated, alive.copy()))
@@ -380,14 +447,16 @@ def _episode_transitions(steps: list[tuple[np.ndarray, ...]], n: int) -> list[di
     return [{name: column[alive[:, e], e] for name, column in zip(names, stacked[:-1])} for e in range(n)]
 
 
-def evaluate_runs(task: str, policy_fn: PolicyFn, params: Any, keys: jax.Array, num_episodes: int, *,
-                  policy_layout: layouts.Layout | None, num_workers: int | None = None) -> EpisodeStats:
+def evaluate_runs(task: str, policy: rollouts.PolicyFn | rollouts.HistoryPolicy, params: Any, keys: jax.Array,
+                  num_episodes: int, *, policy_layout: layouts.Layout | None,
+                  num_workers: int | None = None) -> rollouts.EpisodeStats:
     """``num_episodes`` episodes per run on the host task, ``EpisodeStats`` of shape ``[R, num_episodes]``.
 
-    The counterpart of ``jax.vmap(rollouts.evaluate_episodes)`` over runs: ``params`` carry a leading run
-    axis ``[R]`` and ``keys`` are ``[R]``. ``policy_layout`` is the layout the policy was trained on;
-    it must match the task's (``ConfigError`` naming the first differing dimension otherwise). ``None``
-    is refused too: a policy of unknown layout never runs on a real task.
+    The counterpart of ``jax.vmap(rollouts.evaluate_episodes)`` over runs (of ``evaluate_history_episodes``
+    for a :class:`~constrained_rl.rollouts.HistoryPolicy`): ``params`` carry a leading run axis ``[R]`` and
+    ``keys`` are ``[R]``. ``policy_layout`` is the layout the policy was trained on; it must match the
+    task's (``ConfigError`` naming the first differing dimension otherwise). ``None`` is refused too: a
+    policy of unknown layout never runs on a real task.
     """
     pool_task = host_task(task)
     require(policy_layout is not None, "layout",
@@ -395,6 +464,6 @@ def evaluate_runs(task: str, policy_fn: PolicyFn, params: Any, keys: jax.Array, 
     layouts.check_layout(policy_layout, pool_task.layout, task=task)
     episodes = plan_episodes(keys, num_episodes)
     pool = shared_pool(task, num_workers)
-    rewards, costs, lengths, _ = play(pool, policy_fn, params, episodes)
+    rewards, costs, lengths, _ = play(pool, policy, params, episodes)
     shape = (keys.shape[0], num_episodes)
-    return EpisodeStats(rewards.reshape(shape), costs.reshape(shape), lengths.reshape(shape))
+    return rollouts.EpisodeStats(rewards.reshape(shape), costs.reshape(shape), lengths.reshape(shape))

@@ -30,8 +30,10 @@ Two data devices make the conditioning on cost work (CDT paper section 4.3; OSRL
   transformed cost return), then a segment start uniformly within it.
 
 The evaluation policy acts with the Gaussian's mean, clipped to ``[-1, 1]``, on its own context
-window (:func:`evaluate`). CDT is trained once per seed, whatever the cost limit, and scored under
-each limit by asking for that limit.
+window (:func:`context_policy`, a :class:`~constrained_rl.rollouts.HistoryPolicy`): on a JAX task all
+episodes play on the device, on a real task (``SafetyBallCircle-v0``...) the host runner keeps each
+episode's window beside its simulator. CDT is trained once per seed, whatever the cost limit, and scored
+under each limit by asking for that limit.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from flax import struct
 from flax.training.train_state import TrainState
 
 from algorithms.control import offline
-from constrained_rl import distributions, envs, rollouts
+from constrained_rl import distributions, rollouts
 from constrained_rl.config import ConfigError, Experiment, require, require_positive_integers
 from constrained_rl.data import dsrl
 from constrained_rl.models.decision_transformer import DecisionTransformer
@@ -472,12 +474,7 @@ def make_algorithm(config: Config, problem: offline.Problem, data: Trajectories 
                         target_reward=jnp.asarray(target_reward, jnp.float32))
 
     update = make_update(config, model, target_entropy=-float(problem.action_size))
-    policy = context_policy(config, model)
-
-    def evaluate(env: envs.Env, learner: CDTState, cost_limit: jax.Array, key: jax.Array,
-                 num_episodes: int) -> rollouts.EpisodeStats:
-        return rollouts.evaluate_history_episodes(env, policy, (learner, cost_limit), key, num_episodes)
-
+    evaluate = offline.ConditionedEvaluation(context_policy(config, model))
     sampler = offline.DataSampler(
         prepare=lambda dataset: prepare(config, data, dataset),
         sample=lambda prepared, key, batch_size: sample_segments(prepared, key, batch_size, steps))

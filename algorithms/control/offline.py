@@ -13,8 +13,9 @@ An offline learner is three things (:class:`Algorithm`), built from its config a
   ``policy_fields``, the parts of the state it reads (what the run exports).
 
 A sequence learner (CDT) replaces two of these defaults: its ``sampler`` draws its own minibatches
-(trajectory segments) from data it prepares once, and its ``evaluate`` plays whole episodes with
-the history its policy conditions on, told the cost limit it is scored under.
+(trajectory segments) from data it prepares once, and its ``evaluate`` (:class:`ConditionedEvaluation`)
+is a policy with memory (a :class:`~constrained_rl.rollouts.HistoryPolicy`) told the cost limit it is
+scored under, played on the device for a JAX task and by the host runner for a real one.
 
 Everything else lives here, once: the dataset (a DSRL file, or one collected first with
 :mod:`algorithms.control.collect`), runs vmapped over seeds *and* cost limits (``len(cost_limits) x
@@ -146,8 +147,21 @@ class DataSampler(NamedTuple):
     sample: Callable[[Any, jax.Array, int], Any]  # (prepared, key, batch_size) -> the update's batch
 
 
-# (env, learner state of one run, cost limit, key, num_episodes) -> EpisodeStats [num_episodes]
-Evaluate = Callable[[envs.Env, Any, jax.Array, jax.Array, int], rollouts.EpisodeStats]
+@dataclasses.dataclass(frozen=True)
+class ConditionedEvaluation:
+    """A learner's own evaluation: a history policy whose parameters are ``(learner state, cost limit)``
+    (CDT's target cost), played once per scored limit by :func:`play_episodes`, on the device or on the
+    host as the task demands (:func:`constrained_rl.envs.evaluate_runs`).
+
+    Called, it plays one run's episodes on a JAX task:
+    ``(env, learner, cost_limit, key, num_episodes) -> EpisodeStats [num_episodes]``.
+    """
+
+    policy: rollouts.HistoryPolicy
+
+    def __call__(self, env: envs.Env, learner: Any, cost_limit: jax.Array, key: jax.Array,
+                 num_episodes: int) -> rollouts.EpisodeStats:
+        return rollouts.evaluate_history_episodes(env, self.policy, (learner, cost_limit), key, num_episodes)
 
 
 class Algorithm(NamedTuple):
@@ -162,10 +176,10 @@ class Algorithm(NamedTuple):
     uses_returns: bool = False
     # Set: the phases' minibatches come from it (all rows; ``Phase.rows`` must be "all").
     sampler: DataSampler | None = None
-    # Set: episodes are played by it instead of by ``policy``, once per scored cost limit (the policy
-    # conditions on the limit: CDT's target cost), so a learner that ignores the limit in training
-    # is still scored under each limit by its own conditioned policy.
-    evaluate: Evaluate | None = None
+    # Set: episodes are played by its history policy instead of by ``policy``, once per scored cost
+    # limit (the policy conditions on the limit: CDT's target cost), so a learner that ignores the limit
+    # in training is still scored under each limit by its own conditioned policy.
+    evaluate: ConditionedEvaluation | None = None
     # The learner-state fields (dotted paths: "actor", "actor.params") that ``policy`` / ``evaluate``
     # read, exported at the end of training; a state holding only these of a trained one (the rest
     # freshly initialised) evaluates exactly alike. None: the whole learner state.
@@ -323,22 +337,10 @@ def evaluation_env(task: str) -> envs.Env | envs.HostTaskEnv:
     return envs.evaluation_env(task)
 
 
-@functools.lru_cache(maxsize=32)
-def make_evaluator(env: envs.Env, algorithm: Algorithm, num_episodes: int):
-    """A jitted ``(learner states [R], cost limits [R], keys [R]) -> EpisodeStats [R, num_episodes]``
-    (cached); the limits reach only a learner's own ``evaluate``."""
-
-    def one_run(learner: Any, cost_limit: jax.Array, key: jax.Array) -> rollouts.EpisodeStats:
-        if algorithm.evaluate is not None:
-            return algorithm.evaluate(env, learner, cost_limit, key, num_episodes)
-        return rollouts.evaluate_episodes(env, algorithm.policy, learner, key, num_episodes)
-
-    return jax.jit(jax.vmap(one_run))
-
-
 def play_episodes(session: "Session", learner: Any, key: jax.Array,
                   num_episodes: int) -> dict[float, rollouts.EpisodeStats]:
-    """``num_episodes`` episodes of every run ``[R, num_episodes]`` per scored cost limit.
+    """``num_episodes`` episodes of every run ``[R, num_episodes]`` per scored cost limit, on the device or
+    the host as :func:`constrained_rl.envs.evaluate_runs` decides, the policies' layout checked there.
 
     A policy that does not condition on the limit plays once and its episodes serve every limit;
     a learner's own ``evaluate`` plays once per limit, told that limit. Each run gets one key,
@@ -346,12 +348,14 @@ def play_episodes(session: "Session", learner: Any, key: jax.Array,
     """
     num_runs = session.layout.cost_limits.shape[0]
     keys = jax.random.split(key, num_runs)
-    if session.algorithm.evaluate is None:  # the device or the host, as envs.evaluate_runs decides
+    conditioned = session.algorithm.evaluate
+    if conditioned is None:
         stats = envs.evaluate_runs(session.env, session.algorithm.policy, learner, keys, num_episodes,
                                    session.policy_layout)
         return {limit: stats for limit in session.cost_limits}
-    evaluate = make_evaluator(session.env, session.algorithm, num_episodes)
-    return {limit: evaluate(learner, jnp.full((num_runs,), limit, jnp.float32), keys)
+    return {limit: envs.evaluate_runs(session.env, conditioned.policy,
+                                      (learner, jnp.full((num_runs,), limit, jnp.float32)), keys, num_episodes,
+                                      session.policy_layout)
             for limit in session.cost_limits}
 
 
@@ -530,9 +534,6 @@ def make_session(config: OfflineConfig, dataset: dsrl.OfflineDataset, make_algor
         training_data = algorithm.sampler.prepare(dataset)
     require(algorithm.policy is not None or algorithm.evaluate is not None, "policy",
             "a learner needs an evaluation policy or its own evaluate")
-    require(algorithm.evaluate is None or not isinstance(env, envs.HostTaskEnv), "task",
-            f"{config.task} is played on the host, and this learner plays its episodes with its own on-device "
-            "evaluation (a history-conditioned policy); evaluate it on a JAX task")
     return Session(dataset, layout, tuple(float(k) for k in config.cost_limits), algorithm, env, reference,
                    training_data, data_layout(dataset.metadata))
 

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROTOCOL_SECTIONS = ("bc_safe", "bcq_lag", "satac")
+DEFAULT_METHODS = ("bc_safe", "bcq_lag", "satac")
 
 
 def run(*args: str, quiet: bool = False) -> None:
@@ -52,7 +52,7 @@ def methods_config(config: Path, methods: list[str], out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="BallCircle", help="Bullet task: BallCircle, CarCircle, BallRun, CarRun")
-    parser.add_argument("--methods", default=",".join(PROTOCOL_SECTIONS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--config", default="experiments/configs/offline_cpu_tables.toml")
     parser.add_argument("--margin", type=float, default=0.8)
     parser.add_argument("--episodes", type=int, default=20)

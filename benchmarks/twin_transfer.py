@@ -36,19 +36,6 @@ def summary(directory: Path) -> dict:
     return json.loads((directory / "summary.json").read_text())
 
 
-def methods_config(config: Path, methods: list[str], out: Path) -> Path:
-    """The tables' TOML with only the chosen methods' sections (offline_benchmark refuses the others)."""
-    kept, keep = [], True
-    for line in config.read_text().splitlines():
-        if line.startswith("["):
-            keep = line.strip("[] ") in methods
-        if keep:
-            kept.append(line)
-    path = out / "config.toml"
-    path.write_text("\n".join(kept) + "\n")
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="BallCircle", help="Bullet task: BallCircle, CarCircle, BallRun, CarRun")
@@ -72,7 +59,7 @@ def main() -> None:
         if (bench / "config.json").is_file():
             run("--resume", str(bench))
         else:
-            run("offline_benchmark", "--config", str(methods_config(Path(args.config), methods, out)),
+            run("offline_benchmark", "--config", args.config,
                 "--task", twin, "--dataset", str(data / "dataset.hdf5"), "--methods", ",".join(methods),
                 "--run-dir", str(bench))
     scored: dict[tuple[str, str], list[dict]] = {}

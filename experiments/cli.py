@@ -323,6 +323,32 @@ def build_config(config_cls: type, overrides: Sequence[Override], *, record: boo
     return config
 
 
+def without_inactive_file_sections(config_cls: type, file_overrides: Sequence[Override],
+                                   overrides: Sequence[Override]) -> list[Override]:
+    """``file_overrides`` then ``overrides``, less the file's settings of the sections the run leaves
+    unused (a config's ``inactive_sections``, e.g. the methods not chosen).
+
+    One config file may hold the sizes of every method (experiments/configs/offline_cpu_tables.toml) and
+    serve a run of a few of them; the same settings on the command line stay refused. The chosen
+    methods are read from a config built without the file's nested settings. Should that config not
+    build, nothing is dropped if the full one builds; if neither does, the first one's error is raised (it
+    names the command line's mistake, not a section of the file).
+    """
+    everything = [*file_overrides, *overrides]
+    if not hasattr(config_cls, "inactive_sections"):
+        return everything
+    plain = [o for o in file_overrides if "." not in o.key]
+    try:
+        inactive = set(build_config(config_cls, [*plain, *overrides]).inactive_sections)
+    except ConfigError as error:
+        try:
+            build_config(config_cls, everything)
+        except ConfigError:
+            raise error from None
+        return everything
+    return [o for o in file_overrides if o.key.split(".")[0] not in inactive] + list(overrides)
+
+
 def _refuse_if_unread(config: Any, override: Override) -> None:
     """A setting its section does not read under the chosen values is refused: a section may say which of
     its fields those are, and why, in a method ``unread_fields() -> {field: reason}`` (a multiplier's

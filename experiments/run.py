@@ -227,10 +227,9 @@ def _prepare_new_run(invocation: Invocation, held: _Held) -> tuple[registry.Expe
 
     name = invocation.name or registry.DEFAULT_EXPERIMENT
     experiment = registry.load(name)
-    overrides = []
-    if invocation.config_file is not None:
-        overrides.extend(_file_overrides(invocation.config_file, name))
-    overrides.extend(invocation.overrides)  # later ones win: the command line beats the file
+    from_file = [] if invocation.config_file is None else _file_overrides(invocation.config_file, name)
+    # Later ones win: the command line beats the file.
+    overrides = cli.without_inactive_file_sections(experiment.config_cls, from_file, invocation.overrides)
     config = cli.build_config(experiment.config_cls, overrides)
     if invocation.run_dir:
         run_dir = Path(invocation.run_dir)

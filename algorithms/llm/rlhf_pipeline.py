@@ -54,6 +54,7 @@ from constrained_rl import lagrangian, llm_evaluation, memory, parallel, plottin
 from constrained_rl.config import ConfigError, Experiment, require
 from constrained_rl.data import preference, synthetic_safety
 from constrained_rl.models import hf_checkpoint, score
+from constrained_rl.models.llama import LlamaForCausalLM
 
 # RL methods (the rollout loop of rlhf_ppo), their critic-free variants (ppo.advantage group for that method
 # alone), and the offline DPO-family baselines (algorithms.llm.dpo)
@@ -284,6 +285,24 @@ def _categories(data: preference.PromptData) -> tuple[np.ndarray, tuple[str, ...
     return np.asarray([names.index(c) for c in labels], np.int32), names
 
 
+def frozen_reference(actor: LlamaForCausalLM, variables: Any, dtype: str) -> tuple[LlamaForCausalLM | None, Any]:
+    """The reference's module and parameters: the SFT model itself (module None: the actor's, the parameters
+    shared with the initial actor), or a copy stored and run in ``dtype``."""
+    if dtype == "float32":
+        return None, variables
+    module = LlamaForCausalLM(dataclasses.replace(actor.config, dtype=dtype, param_dtype=dtype))
+    return module, jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), variables)
+
+
+def frozen_score_model(directory: str, loaded: tuple[score.LlamaForScore, Any], dtype: str
+                       ) -> tuple[score.LlamaForScore, Any]:
+    """The reward or cost model the RL stage scores with: ``loaded`` (float32, shared with the critic it
+    starts), or the checkpoint read again, stored and run in ``dtype``."""
+    if dtype == "float32":
+        return loaded
+    return score.load_score_model(directory, dtype=dtype, param_dtype=dtype)
+
+
 def build_setup(config: Config, directories: dict[str, str], data: dict[str, Path]) -> Setup:
     """Loads the models, tokenizes prompts, and picks the training and evaluation scorers."""
     model_source = common.open_model_source(
@@ -295,10 +314,12 @@ def build_setup(config: Config, directories: dict[str, str], data: dict[str, Pat
     for kind in ("reward", "cost"):
         if directories.get(kind) is not None:
             learned[kind] = score.load_score_model(directories[kind])
+    frozen_dtype = config.ppo.frozen_dtype
     if config.scorer == "learned":
-        (reward_model, reward_params), (cost_model, cost_params) = learned["reward"], learned["cost"]
+        critics = learned["reward"], learned["cost"]  # the critics start from the score models (float32)
+        (reward_model, reward_params), (cost_model, cost_params) = (
+            frozen_score_model(directories[kind], learned[kind], frozen_dtype) for kind in ("reward", "cost"))
         train_scorers = (rlhf_ppo.score_model_scorer(reward_model), rlhf_ppo.score_model_scorer(cost_model))
-        critics = (reward_model, reward_params), (cost_model, cost_params)
         scorer_params = (reward_params, cost_params)
     else:
         require(task is not None, "scorer", "'ground_truth' needs the synthetic task's prompts")
@@ -315,7 +336,8 @@ def build_setup(config: Config, directories: dict[str, str], data: dict[str, Pat
         eval_params = (task.tables, task.tables)
     else:
         eval_scorers, eval_params = train_scorers, scorer_params
-    models = rlhf_ppo.RLHFModels(actor, critics[0][0], critics[1][0], *train_scorers)
+    reference, reference_params = frozen_reference(actor, actor_variables, frozen_dtype)
+    models = rlhf_ppo.RLHFModels(actor, critics[0][0], critics[1][0], *train_scorers, reference=reference)
     train_prompts = (preference.read_prompt_data(config.prompts).prompt if config.prompts is not None
                      else sorted(set(preference.read_preference_data(data["preference"]).prompt)))
     eval_data = preference.read_prompt_data(config.eval_prompts or data["eval_prompts"])
@@ -329,7 +351,7 @@ def build_setup(config: Config, directories: dict[str, str], data: dict[str, Pat
         ptx = rlhf_ppo.PTXData(*(jnp.asarray(arrays[k]) for k in ("tokens", "attention_mask", "loss_mask")))
     return Setup(
         models=models,
-        frozen=rlhf_ppo.FrozenParams(actor_variables, *scorer_params),
+        frozen=rlhf_ppo.FrozenParams(reference_params, *scorer_params),
         actor_params=actor_variables,
         reward_critic_params=critics[0][1],
         cost_critic_params=critics[1][1],

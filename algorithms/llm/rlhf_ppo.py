@@ -92,6 +92,9 @@ class PPOConfig:
     # gae: reward and cost critics, token-level GAE (Safe-RLHF's six models); group: no critics, each response's
     # reward and cost against its prompt's K responses (GRPO), the KL as a loss term (four models)
     advantage: Literal["gae", "group"] = "gae"
+    # storage and computation dtype of the frozen reference, reward and cost models (bfloat16: half their
+    # memory, their log-probs and scores from bfloat16 weights); the actor and critics train in float32
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         for name in ("kl_coeff", "actor_weight_decay", "critic_weight_decay", "ptx_coeff"):
@@ -105,6 +108,8 @@ class PPOConfig:
         for name in ("ppo_epochs", "num_minibatches", "ptx_batch_size", "max_new_tokens"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         require(self.advantage in ("gae", "group"), "advantage", f"must be gae or group, got {self.advantage!r}")
+        require(self.frozen_dtype in ("float32", "bfloat16"), "frozen_dtype",
+                f"must be float32 or bfloat16, got {self.frozen_dtype!r}")
         require(self.temperature > 0, "temperature", f"must be > 0 (PPO needs a stochastic policy), "
                 f"got {self.temperature}")
 
@@ -147,6 +152,11 @@ class RLHFModels:
     cost_critic: LlamaForScore | None  # per-token values of the cost stream; None: critic-free (group)
     reward_scorer: Scorer  # reward model R(x, y)
     cost_scorer: Scorer  # cost model C(x, y) (> 0 unsafe)
+    reference: LlamaForCausalLM | None = None  # the frozen reference's module when its dtypes differ; None: actor's
+
+    @property
+    def reference_model(self) -> LlamaForCausalLM:
+        return self.actor if self.reference is None else self.reference
 
 
 class FrozenParams(NamedTuple):
@@ -360,7 +370,7 @@ def score_rollout(models: RLHFModels, state: TrainState, frozen: FrozenParams, s
         reward_scores=models.reward_scorer(frozen.reward_model, *scored),
         cost_scores=models.cost_scorer(frozen.cost_model, *scored),
         log_probs=response_log_probs(models.actor, state.actor, sequences),
-        reference_log_probs=response_log_probs(models.actor, frozen.reference, sequences),
+        reference_log_probs=response_log_probs(models.reference_model, frozen.reference, sequences),
         reward_values=values(models.reward_critic, state.reward_critic),
         cost_values=values(models.cost_critic, state.cost_critic))
     return jax.lax.stop_gradient(rollout)

@@ -7,12 +7,13 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from algorithms.llm import dpo, rlhf_pipeline
+from algorithms.llm import dpo, rlhf_pipeline, rlhf_ppo
 from constrained_rl.config import ConfigError
 from constrained_rl.models import hf_checkpoint
 from experiments import cli, registry
@@ -103,6 +104,24 @@ def test_a_finished_method_holds_no_arrays(finished_run):
     seed_stacked = (TINY.num_seeds, config["vocab_size"], config["hidden_size"])
     assert len(HELD_AFTER_METHODS) == len(TINY.methods)
     assert all(seed_stacked not in shapes for shapes in HELD_AFTER_METHODS), HELD_AFTER_METHODS
+
+
+def test_frozen_reference_in_bfloat16(finished_run):
+    run_dir, _ = finished_run
+    data = {name: run_dir / "data" / f"{name}.jsonl" for name in ("sft", "preference", "eval_prompts")}
+    config = dataclasses.replace(TINY, ppo=dataclasses.replace(TINY.ppo, frozen_dtype="bfloat16"))
+    setup = rlhf_pipeline.build_setup(config, {"actor": str(run_dir / "sft" / "model")}, data)
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(setup.frozen.reference)} == {"bfloat16"}
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(setup.actor_params)} == {"float32"}  # the actor: fp32
+    assert setup.models.reference_model.config.dtype == "bfloat16"
+    sequences = rlhf_ppo.Sequences(setup.prompts.tokens[:4], setup.prompts.mask[:4], setup.prompts.tokens[4:8, -3:],
+                                   jnp.ones((4, 3), jnp.int32))
+    log_probs = jax.jit(rlhf_ppo.response_log_probs, static_argnums=0)
+    reference = log_probs(setup.models.reference_model, setup.frozen.reference, sequences)
+    actor = log_probs(setup.models.actor, setup.actor_params, sequences)
+    assert reference.dtype == jnp.float32
+    np.testing.assert_allclose(reference, actor, atol=0.1)  # bfloat16 weights: close, not equal
+    assert float(jnp.max(jnp.abs(reference - actor))) > 0
 
 
 def test_resume_restores_finished_stages(finished_run):

@@ -3,9 +3,9 @@
 A stage's arrays are freed when the last Python reference to them goes; the memory then returns to the
 allocator, not necessarily to the operating system. On the CPU backend the buffers come from glibc's
 ``malloc``, which keeps freed blocks of its heap for later ``malloc`` calls: a second training stage whose
-blocks do not fit the holes the first one left grows the process instead (measured in docs/llm.md: a
-second RL method's peak resident memory 0.8 GB above the first's on a 45 MB model). ``malloc_trim(0)``
-hands the free pages back, so the next stage starts from the memory actually in use.
+blocks do not fit the holes the first one left grows the process instead (measured in docs/llm.md: two RL
+methods on a 45 MB model peak at 3.9 GB without it, 3.0 GB with it). ``malloc_trim(0)`` hands the free pages
+back, so the next stage starts from the memory actually in use.
 """
 
 from __future__ import annotations

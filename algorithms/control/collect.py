@@ -19,9 +19,11 @@ regions. Here:
    largest episode cost of the kept data, the episode length, and these collection parameters).
 
 On a real task (``--task SafetyBallCircle-v0``) the behaviour policies train on its JAX twin
-(:func:`constrained_rl.envs.training_task`, which declares the real task's layout) and every snapshot's
-episodes are played on the real simulator by the host runner (:mod:`constrained_rl.envs.host`), so the
-file holds the real simulator's transitions; its task is the real id, so loading it applies DSRL's
+(:func:`constrained_rl.envs.training_task`, which declares the real task's layout), or, for a real task
+without one (the Safety-Gymnasium tasks), on the real simulator itself (PPO-Lagrangian's host rollouts,
+:mod:`constrained_rl.envs.host_rollout`, in a pool of their own); every snapshot's episodes are played on
+the real simulator by the host runner (:mod:`constrained_rl.envs.host`), so the file holds the real
+simulator's transitions; its task is the real id, so loading it applies DSRL's
 published references (:mod:`constrained_rl.data.dsrl_tasks`).
 """
 
@@ -55,7 +57,7 @@ def _quick_behaviour_config() -> ppo_lag.Config:
 class Config:
     """DSRL-recipe collection; the defaults collect a small BallCircle dataset in a few minutes."""
 
-    task: str = "BallCircle"  # played on: a JAX task, or a real task's id (trained on its twin, played on it)
+    task: str = "BallCircle"  # played on: a JAX task, or a real task's id (trained on its twin or itself, played on it)
     seed: int = 0  # PRNG seed of training, snapshots and the grid filter
     num_policies: int = 4  # behaviour policies trained at once, each sweeping its own limit schedule
     cost_limit_min: float = 5.0  # lower end of the swept cost limits
@@ -76,7 +78,7 @@ class Config:
         "eval_episodes": "nobody: collection scores no policy"}}
 
     def __post_init__(self) -> None:
-        envs.training_task(self.task)  # known, and for a real task with a twin to train on
+        envs.require_task(self.task)
         require_positive_integers(self, "num_policies", "snapshot_every", "episodes_per_snapshot", "cost_bins",
                                   "reward_bins", "max_per_cell")
         require(self.cost_limit_min >= 0, "cost_limit_min", f"must be >= 0 (got {self.cost_limit_min})")
@@ -199,6 +201,8 @@ def run(config: Config, ctx) -> dict[str, Any]:
     ctx.loop("behaviour", lambda: ppo_lag.init_runs(learner, starts), chunk_fn, num_chunks,
              steps_per_chunk=per_chunk * behaviour.steps_per_iteration,
              progress_keys=("episode_reward", "episode_cost", "multiplier"))
+    if learner.host_rollout is not None:
+        learner.host_rollout.close()  # the behaviour runs' host environments
 
     collected = load_snapshots(snapshot_dir)
     dataset = dsrl.offline_dataset_from_arrays(collected, source="collected snapshots")

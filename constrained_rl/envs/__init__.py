@@ -15,7 +15,8 @@ Task names: the JAX tasks by short names (``BallCircle``, ``AntVelocity``: ``nam
 ``make``), the real tasks by their registered ids (``SafetyBallCircle-v0``: ``host.HOST_TASKS``).
 ``task_names()`` lists both; ``evaluation_env`` and ``evaluate_runs`` are the one place that decides
 whether a task is played on the device or on the host; ``training_task`` gives the JAX task an on-device
-learner trains on for a real task (its twin).
+learner trains on for a real task (its twin); PPO-Lagrangian trains on the host a real task without one
+(``has_twin``, :mod:`~constrained_rl.envs.host_rollout`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,12 @@ def twin_of(name: str) -> str:
     return twins[0]
 
 
+def has_twin(name: str) -> bool:
+    """Whether the real task ``name`` has a JAX twin (:func:`twin_of`); a learner that can play the host trains
+    on the real simulator otherwise (PPO-Lagrangian, ``collect``)."""
+    return any(spec.real_id == name for spec in TWINS.values())
+
+
 def training_task(name: str) -> str:
     """The JAX task an on-device learner trains on for ``name``: itself, or a real task's twin (:func:`twin_of`)."""
     require_task(name)
@@ -157,6 +164,6 @@ def _device_evaluator(env: Env, policy: Any, num_episodes: int):
 
 __all__ = [
     "AutoReset", "ConfigError", "Env", "EnvState", "EpisodeMetrics", "HostTaskEnv", "Layout", "TimeLimit", "check_layout",
-    "VmapBatch", "Wrapper", "evaluate_runs", "evaluation_env", "is_host_task", "make", "names", "require_task",
+    "VmapBatch", "Wrapper", "evaluate_runs", "evaluation_env", "has_twin", "is_host_task", "make", "names", "require_task",
     "task_layout", "task_names", "training_task", "twin_of", "wrap",
 ]

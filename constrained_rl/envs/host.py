@@ -225,16 +225,24 @@ class HostPool:
             per_worker[int(slot) % self.num_workers].append(int(slot))
         return per_worker
 
-    def reset(self, seeds: Sequence[int]) -> np.ndarray:
-        """Starts episodes on environments ``0 .. len(seeds) - 1`` with these seeds; observations ``[len(seeds), obs]``."""
+    def reset(self, seeds: Sequence[int], slots: Sequence[int] | None = None) -> np.ndarray:
+        """Starts one episode per seed: on environments ``0 .. len(seeds) - 1``, or on the given ``slots``
+        (distinct, in ``[0, size)``), seed ``i`` on slot ``slots[i]``; observations ``[len(seeds), obs]``
+        in the seeds' order."""
         require(0 < len(seeds) <= self.size, "seeds", f"needs 1 to {self.size} seeds (got {len(seeds)})")
-        per_worker = self._split(range(len(seeds)))
-        answers = self._ask_all([("reset", [(s // self.num_workers, int(seeds[s])) for s in slots])
-                                 if slots else None for slots in per_worker])
+        slots = list(range(len(seeds))) if slots is None else [int(s) for s in slots]
+        require(len(slots) == len(seeds) and len(set(slots)) == len(slots)
+                and all(0 <= s < self.size for s in slots), "slots",
+                f"must be {len(seeds)} distinct environments in [0, {self.size})")
+        seed_of = {slot: int(seed) for slot, seed in zip(slots, seeds)}
+        row_of = {slot: row for row, slot in enumerate(slots)}
+        per_worker = self._split(slots)
+        answers = self._ask_all([("reset", [(s // self.num_workers, seed_of[s]) for s in chosen])
+                                 if chosen else None for chosen in per_worker])
         obs = np.zeros((len(seeds), self.observation_size), np.float32)
-        for slots, answer in zip(per_worker, answers):
-            if slots:
-                obs[slots] = host_worker.unpack(answer)
+        for chosen, answer in zip(per_worker, answers):
+            if chosen:
+                obs[[row_of[s] for s in chosen]] = host_worker.unpack(answer)
         return obs
 
     def step(self, actions: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -33,6 +33,7 @@ from algorithms.control import policy_export
 from algorithms.control.ppo_lag import losses, networks as ppo_networks
 from constrained_rl import envs, lagrangian, plotting, returns, rollouts
 from constrained_rl.config import Experiment, require, require_positive_integers
+from constrained_rl.envs.host_rollout import HostRollout
 from constrained_rl.envs.wrappers import tree_select
 
 # Ray, Achiam & Amodei's penalty learning rate 5e-2 by plain SGD on lambda, which starts at 0 and is capped at
@@ -45,7 +46,7 @@ MULTIPLIER = lagrangian.MultiplierConfig(kind="projected_ascent", init=0.0, max=
 class Config:
     """PPO-Lagrangian hyperparameters; defaults are sized for a BallCircle benchmark run."""
 
-    task: str = "BallCircle"  # a JAX task, or a real task's id: trained on its twin, evaluated on the real one
+    task: str = "BallCircle"  # a JAX task, or a real task's id: trained on its twin if it has one, else on the host
     seed: int = 0  # base PRNG seed; run i of num_seeds draws from fold_in(seed, i)
     num_seeds: int = 1  # independent runs trained at once (vmapped over a leading axis)
     total_env_steps: int = 2_000_000  # environment steps per run
@@ -73,7 +74,7 @@ class Config:
     eval_episodes: int = 10  # episodes of the deterministic policy scored at the end, per run
 
     def __post_init__(self) -> None:
-        envs.training_task(self.task)  # a known task, and for a real one a twin to train on
+        envs.require_task(self.task)
         require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")
         require_positive_integers(self, "num_seeds", "total_env_steps", "num_envs", "unroll_length",
                                   "num_epochs", "num_minibatches", "iterations_per_chunk")
@@ -104,9 +105,14 @@ class Config:
         return self.num_envs * self.unroll_length
 
     @property
+    def trains_on_host(self) -> bool:
+        """A real task without a JAX twin: the rollouts are played on its simulator (host_rollout)."""
+        return envs.is_host_task(self.task) and not envs.has_twin(self.task)
+
+    @property
     def train_task(self) -> str:
-        """The JAX task trained on: ``task``, or its twin when ``task`` is a real task (envs.training_task)."""
-        return envs.training_task(self.task)
+        """The task trained on: ``task``, or its JAX twin when ``task`` is a real task that has one."""
+        return self.task if self.trains_on_host else envs.training_task(self.task)
 
     @property
     def num_iterations(self) -> int:
@@ -138,17 +144,21 @@ class Learner(NamedTuple):
     """The static parts of a run: config, environment, networks, optimizer and multiplier rule."""
 
     config: Config
-    env: envs.Env  # batched (num_envs), auto-resetting
+    env: envs.Env | envs.HostTaskEnv  # batched (num_envs), auto-resetting; a host task's description on the host
     networks: ppo_networks.PPOLagNetworks
     optimizer: optax.GradientTransformation  # each network's
     multiplier_rule: lagrangian.MultiplierRule
     policy: Callable  # stochastic behaviour policy (actor_params, obs, key) -> (action, extras)
     eval_policy: Callable  # deterministic policy (tanh of the mean)
+    host_rollout: HostRollout | None = None  # the host environments of a run trained on the host
 
 
 def make_learner(config: Config, env: envs.Env | None = None) -> Learner:
-    """Builds the learner; ``env`` (an unbatched task) overrides ``envs.make(config.task)``."""
-    if env is None:
+    """Builds the learner; ``env`` (an unbatched task) overrides ``envs.make(config.task)``. A task trained on the
+    host gets the environments of all ``num_seeds`` runs in one pool (made at the first rollout)."""
+    if env is None and config.trains_on_host:
+        batched = envs.HostTaskEnv(config.task)
+    elif env is None:
         batched = envs.make(config.train_task, batch_size=config.num_envs)
     else:
         batched = envs.wrap(env, batch_size=config.num_envs)
@@ -158,8 +168,11 @@ def make_learner(config: Config, env: envs.Env | None = None) -> Learner:
     # three networks (Brax's choice) would let a large cost-critic error shrink the actor's step; clipping
     # each network alone keeps plain PPO's actor exactly independent of the cost critic.
     optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+    policy = ppo_networks.make_policy(nets)
+    on_host = HostRollout(config.task, config.num_seeds, config.num_envs, policy) if env is None and \
+        config.trains_on_host else None
     return Learner(config, batched, nets, optimizer, lagrangian.make_rule(config.multiplier),
-                   ppo_networks.make_policy(nets), ppo_networks.make_policy(nets, deterministic=True))
+                   policy, ppo_networks.make_policy(nets, deterministic=True), on_host)
 
 
 def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array | float | None = None) -> PPOLagState:
@@ -172,7 +185,7 @@ def init_state(learner: Learner, key: jax.Array, cost_limit: jax.Array | float |
     return PPOLagState(
         **trained,
         multiplier_state=learner.multiplier_rule.init(),
-        env_state=learner.env.reset(env_key),
+        env_state=None if learner.host_rollout else learner.env.reset(env_key),  # host envs live in the pool
         cost_limit=jnp.asarray(limit, jnp.float32),
         key=run_key,
         iteration=jnp.zeros((), jnp.int32),
@@ -220,17 +233,18 @@ def compute_targets(learner: Learner, params: ppo_networks.PPOLagParams, transit
     return RolloutTargets(*reward, *cost)
 
 
-def completed_episode_stats(before: envs.EnvState, after: envs.EnvState) -> dict[str, jax.Array]:
-    """Mean reward, cost and length of episodes completed during a rollout, from the env's accumulators.
+def completed_episode_stats(before: dict[str, jax.Array], after: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Mean reward, cost and length of episodes completed during a rollout, from the env's accumulators
+    (``EpisodeMetrics``' ``state.metrics`` before and after it).
 
     An environment whose ``completed_episodes`` counter moved during the rollout contributes the totals
     of its most recent completed episode (exactly its one episode when ``unroll_length`` does not exceed
     the episode length). With no completed episode the means are 0 and ``episodes`` is 0.
     """
-    completed = (after.metrics["completed_episodes"] > before.metrics["completed_episodes"]).astype(jnp.float32)
+    completed = (after["completed_episodes"] > before["completed_episodes"]).astype(jnp.float32)
     count = jnp.sum(completed)
     safe_count = jnp.maximum(count, 1.0)
-    stats = {name: jnp.sum(completed * after.metrics[f"completed_episode_{name}"]) / safe_count
+    stats = {name: jnp.sum(completed * after[f"completed_episode_{name}"]) / safe_count
              for name in ("reward", "cost", "length")}
     return {**stats, "episodes": count}
 
@@ -269,9 +283,20 @@ def train_iteration(learner: Learner, state: PPOLagState) -> tuple[PPOLagState, 
     rollout_key, update_key, next_key = jax.random.split(state.key, 3)
     env_state, transitions = rollouts.rollout(learner.env, learner.policy, state.actor.params, rollout_key,
                                               state.env_state, config.unroll_length)
+    episodes = completed_episode_stats(state.env_state.metrics, env_state.metrics)
+    state, metrics = learn_from_rollout(learner, state, transitions, episodes, update_key)
+    return state.replace(env_state=env_state, key=next_key), metrics
+
+
+def learn_from_rollout(learner: Learner, state: PPOLagState, transitions, episodes: dict[str, jax.Array],
+                       update_key: jax.Array) -> tuple[PPOLagState, dict[str, jax.Array]]:
+    """Everything of an iteration after its rollout (a ``[T, N]`` Transition with the policy's ``pre_squash``
+    and ``log_prob`` extras, and :func:`completed_episode_stats`): the targets, the multiplier rule and the
+    PPO update; counts the iteration. Whoever played the rollout (the device or the host) sets the
+    environment state and the next key."""
+    config = learner.config
     targets = compute_targets(learner, network_params(state), transitions)
 
-    episodes = completed_episode_stats(state.env_state, env_state)
     updated = learner.multiplier_rule.update(state.multiplier_state, episodes["cost"], state.cost_limit)
     multiplier_state = tree_select(episodes["episodes"] > 0, updated, state.multiplier_state)
     multiplier = lagrangian.multiplier(multiplier_state)
@@ -287,8 +312,7 @@ def train_iteration(learner: Learner, state: PPOLagState) -> tuple[PPOLagState, 
     state, loss_metrics = _minibatch_updates(learner, state, batch, update_key)
 
     env_steps = state.env_steps + config.steps_per_iteration
-    new_state = state.replace(multiplier_state=multiplier_state, env_state=env_state, key=next_key,
-                              iteration=state.iteration + 1, env_steps=env_steps)
+    new_state = state.replace(multiplier_state=multiplier_state, iteration=state.iteration + 1, env_steps=env_steps)
     metrics = {
         "env_steps": env_steps,
         "episode_reward": episodes["reward"],
@@ -303,8 +327,30 @@ def train_iteration(learner: Learner, state: PPOLagState) -> tuple[PPOLagState, 
     return new_state, metrics
 
 
+def make_host_iteration(learner: Learner) -> Callable[[PPOLagState], tuple[PPOLagState, dict, Any]]:
+    """One iteration of every run of a seed-batched state trained on the host: the rollout of all runs'
+    environments (:class:`~constrained_rl.envs.host_rollout.HostRollout`, one jitted policy call per step),
+    then :func:`learn_from_rollout` of every run in one jitted call (vmapped over runs), with the keys of
+    :func:`train_iteration`. Returns the state, the ``[runs]`` metrics and the ``[runs, T, N]`` rollout."""
+    config = learner.config
+    split_keys = jax.jit(jax.vmap(lambda key: jax.random.split(key, 3)))
+    stats = jax.jit(jax.vmap(completed_episode_stats))
+    learn = jax.jit(jax.vmap(lambda state, transitions, episodes, key: learn_from_rollout(
+        learner, state, transitions, episodes, key)))
+
+    def iteration(state: PPOLagState):
+        keys = split_keys(state.key)  # [runs, 3, 2]: rollout, update, next
+        transitions, before, after = learner.host_rollout.rollout(state.actor.params, keys[:, 0],
+                                                                  config.unroll_length)
+        state, metrics = learn(state, transitions, stats(before, after), keys[:, 1])
+        return state.replace(key=keys[:, 2]), metrics, transitions
+
+    return iteration
+
+
 def make_chunk(learner: Learner, num_iterations: int) -> Callable[[PPOLagState], tuple[PPOLagState, dict]]:
-    """``num_iterations`` iterations of every run in a seed-batched state, as one jitted call.
+    """``num_iterations`` iterations of every run in a seed-batched state, as one jitted call (on the host:
+    one rollout and one jitted update per iteration, :func:`make_host_iteration`).
 
     Returns metrics with shape ``[num_seeds, num_iterations]``.
     """
@@ -320,6 +366,17 @@ def make_chunk(learner: Learner, num_iterations: int) -> Callable[[PPOLagState],
             return jax.tree.map(lambda x: x[None], (final, metrics))
         return jax.vmap(one_run)(state)
 
+    if learner.host_rollout is not None:
+        iteration = make_host_iteration(learner)
+
+        def host_runs(state: PPOLagState):
+            metrics = []
+            for _ in range(num_iterations):
+                state, step_metrics, _ = iteration(state)
+                metrics.append(step_metrics)
+            return state, jax.tree.map(lambda *x: jnp.stack(x, axis=1), *metrics)
+
+        return host_runs
     return jax.jit(all_runs)
 
 
@@ -438,6 +495,8 @@ def run(config: Config, ctx) -> dict[str, Any]:
     """Trains, evaluates and plots; returns the summary the runner writes to summary.json."""
     learner = make_learner(config)
     state = train_runs(learner, ctx, "train")
+    if learner.host_rollout is not None:
+        learner.host_rollout.close()  # the training environments; evaluation plays in a pool of its own
     export_policy(config, ctx, learner, state)
     rows = [r for r in ctx.read_metrics() if r["stage"] == "train"]
     if ctx.is_main:  # one writer in a multi-process run

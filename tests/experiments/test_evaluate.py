@@ -11,6 +11,8 @@ import pytest
 from experiments import run
 from tests.algorithms.control.test_offline import random_ballcircle_file
 
+pytestmark = pytest.mark.quick_compile  # tiny runs through the runner: compiling is most of their time
+
 OFFLINE = ["--cost_limits", "10,40", "--num_seeds", "2", "--batch_size", "16", "--num_updates", "20",
            "--updates_per_chunk", "10", "--eval_every", "1", "--eval_episodes_during", "2", "--eval_episodes", "3",
            "--checkpoint_every", "1"]

@@ -7,12 +7,16 @@ constraint make (nearly) every prompt safe where an average constraint leaves so
 
 Stages (each resumable: a finished stage is restored from its checkpoint and skipped):
 
-1. ``data``: on the synthetic task (``constrained_rl.data.synthetic_safety``), SFT demonstrations,
-   PKU-SafeRLHF-schema comparisons and held-out evaluation prompts are written to ``<run>/data``;
-2. ``sft`` (:mod:`algorithms.llm.sft`), then ``reward_model`` and ``cost_model``
-   (:mod:`algorithms.llm.score_models`, started from the SFT model), each in its own sub-directory
-   ``<run>/{sft,reward_model,cost_model}`` with a Hugging Face export in ``model/``. Any of them can be
-   given instead (a local checkpoint such as Alpaca-7B and Safe-RLHF's beaver-7b reward / cost models);
+1. ``data``: SFT demonstrations, PKU-SafeRLHF-schema comparisons and held-out evaluation prompts are written
+   to ``<run>/data``: generated on the synthetic task (``constrained_rl.data.synthetic_safety``), or from a
+   user's ``preference_data`` (:func:`write_input_data`: a share of its prompts held out, SFT on its safe
+   responses or on ``sft_data``); a bad file or a prompt longer than ``max_prompt_length`` is refused here,
+   before anything trains;
+2. ``sft`` (:mod:`algorithms.llm.sft`, from the synthetic model or a user's ``base_model``), then
+   ``reward_model`` and ``cost_model`` (:mod:`algorithms.llm.score_models`, started from the SFT model), each
+   in its own sub-directory ``<run>/{sft,reward_model,cost_model}`` with a Hugging Face export in ``model/``
+   that the next stage reads. Any of them can be given instead (a local checkpoint such as Alpaca-7B and
+   Safe-RLHF's beaver-7b reward / cost models);
 3. one RL stage per method (``safe_rlhf``, ``repo``, ``ppo``, ``shaping``), all seeds vmapped in one
    state, on the shared machinery of :mod:`algorithms.llm.rlhf_ppo`; ``safe_rlhf_group`` and ``repo_group``
    are the same methods without critics (``ppo.advantage = "group"`` for that stage alone); ``safedpo`` and
@@ -92,12 +96,20 @@ class Config:
     num_seeds: int = 3  # RL seeds per method (vmapped); SFT and score models are trained once
     seed: int = 0  # data, SFT, score models and the RL seeds' base key
     scorer: Scorer = "learned"  # RL reward / cost: the trained score models, or the synthetic task's exact ones
-    # Sources (None = trained here on the synthetic task)
+    # Sources (None = trained here: on the synthetic task, or on preference_data from base_model)
+    # a PKU-SafeRLHF-format file (.jsonl / .parquet): the reward and cost models learn from its comparisons,
+    # the RL stage samples its prompts, eval_fraction of its prompts are held out for evaluation, and SFT
+    # fits its safe responses (sft_data instead when given)
+    preference_data: str | None = None
+    base_model: str | None = None  # a Hugging Face LM directory SFT starts from (needs preference_data)
+    sft_data: str | None = None  # SFT demonstrations (prompt, response); None: from preference_data
+    eval_fraction: float = 0.1  # share of preference_data's prompts held out when eval_prompts is None
     actor_model: str | None = None  # a Hugging Face LM directory to start from (skips SFT)
     reward_model: str | None = None  # a score-model directory (skips reward-model training)
     cost_model: str | None = None  # a score-model directory (skips cost-model training)
-    prompts: str | None = None  # RL prompts (.jsonl / .parquet with a prompt field); None = synthetic
-    eval_prompts: str | None = None  # held-out prompts (prompt, optional category); None = synthetic
+    prompts: str | None = None  # RL prompts (.jsonl / .parquet with a prompt field); None: preference_data's
+    # held-out prompts (prompt, optional category); None: held out from preference_data, or the synthetic task's
+    eval_prompts: str | None = None
     # prompt template: auto (the actor's chat template if it has one, else safe-rlhf), chat, a registered name
     # (safe-rlhf, alpaca, plain) or a JSON file
     template: str = "auto"
@@ -105,8 +117,9 @@ class Config:
     synthetic_rows: int = 4096  # SFT rows and preference rows generated each
     synthetic_eval_prompts: int = 200  # held-out prompts generated
     # Stages before RL
-    sft: common.Training = common.Training(preset="quick")  # SFT optimiser / loop settings
-    score_models: common.Training = common.Training(preset="quick")  # reward and cost model settings
+    # SFT and score-model optimiser / loop settings; preset None: quick on the synthetic task, else safe_rlhf
+    sft: common.Training = common.Training()
+    score_models: common.Training = common.Training()  # reward and cost models (one setting for both)
     # RL
     ppo: rlhf_ppo.PPOConfig = SYNTHETIC_PPO  # PPO hyperparameters (PPOConfig() holds Safe-RLHF's 7B ones)
     num_steps: int = 120  # RL steps per method
@@ -153,6 +166,27 @@ class Config:
         require(math.isfinite(self.cost_limit), "cost_limit", f"must be finite, got {self.cost_limit}")
         require(self.train_cost_limit is None or math.isfinite(self.train_cost_limit), "train_cost_limit",
                 f"must be finite, got {self.train_cost_limit}")
+        require(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+        for name in ("base_model", "sft_data"):
+            require(getattr(self, name) is None or self.preference_data is not None, name,
+                    "needs preference_data (the comparisons the score models learn from)")
+        require(self.base_model is None or self.actor_model is None, "base_model",
+                "and actor_model both give the SFT model: base_model is fine-tuned first, actor_model is used as "
+                "it is; give one")
+        require(self.preference_data is None or self.base_model is not None or self.actor_model is not None,
+                "base_model", "is required with preference_data (or actor_model, an SFT model used as it is)")
+        if not self.synthetic and self.preference_data is None:  # prompts given: the models must be too
+            require(self.actor_model is not None, "actor_model",
+                    "is required when prompts are not the synthetic task's (or base_model with preference_data)")
+            require(self.eval_prompts is not None, "eval_prompts",
+                    "is required when prompts are not the synthetic task's (or preference_data to hold some out)")
+            for kind in ("reward", "cost"):
+                require(self.scorer != "learned" or getattr(self, f"{kind}_model") is not None, f"{kind}_model",
+                        "is required when prompts are not the synthetic task's (or preference_data to train it)")
+        require(self.scorer == "learned" or self.synthetic, "scorer",
+                "'ground_truth' needs the synthetic task's prompts")
+        require(not self.ptx or self.synthetic or self.preference_data is not None, "ptx",
+                "needs SFT demonstrations: give preference_data (and sft_data)")
         require(self.eval_temperature >= 0, "eval_temperature", f"must be >= 0, got {self.eval_temperature}")
         batch = self.prompts_per_step * self.responses_per_prompt
         require(batch % self.ppo.num_minibatches == 0, "ppo.num_minibatches",
@@ -178,7 +212,7 @@ class Config:
     @property
     def synthetic(self) -> bool:
         """Whether the prompts (and so the exact scorers) are the synthetic task's."""
-        return self.prompts is None
+        return self.prompts is None and self.preference_data is None
 
 
 def cost_signal(method: str, config: Config) -> rlhf_ppo.CostSignal:
@@ -207,24 +241,56 @@ def write_synthetic_data(config: Config, ctx: Any) -> dict[str, Path]:
     return paths
 
 
+def write_input_data(config: Config, ctx: Any) -> dict[str, Path]:
+    """The stages' files from ``preference_data`` in ``<run>/data`` (nothing without it): ``preference.jsonl``
+    (its rows but those of the held-out prompts), ``eval_prompts.jsonl`` (``eval_fraction`` of its distinct
+    prompts, with their category; not written when ``eval_prompts`` is given) and ``sft.jsonl`` (``sft_data``'s
+    rows, else the safe responses of the training comparisons, ``preference.demonstration_rows``). A bad file
+    is refused here, before anything trains."""
+    if config.preference_data is None:
+        return {}
+    rows = preference.read_records(config.preference_data, preference.PREFERENCE_SCHEMA)
+    if config.eval_prompts is None:
+        rows, held = preference.split_by_prompt(rows, config.eval_fraction, config.seed)
+        held_prompts = {row["prompt"]: {k: row[k] for k in ("prompt", "category") if k in row} for row in held}
+    demonstrations = (preference.read_records(config.sft_data, preference.SFT_SCHEMA) if config.sft_data
+                      else preference.demonstration_rows(rows))
+    if not demonstrations:
+        raise ConfigError(f"preference_data: {config.preference_data}: no comparison has a safe response to "
+                          "fine-tune on; give sft_data")
+    data_dir = Path(ctx.run_dir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"preference": data_dir / "preference.jsonl", "sft": data_dir / "sft.jsonl"}
+    preference.write_records(paths["preference"], rows)
+    preference.write_records(paths["sft"], demonstrations)
+    if config.eval_prompts is None:
+        paths["eval_prompts"] = data_dir / "eval_prompts.jsonl"
+        preference.write_records(paths["eval_prompts"], list(held_prompts.values()))
+    return paths
+
+
+def stage_training(config: Config, training: common.Training) -> common.Training:
+    """A pre-RL stage's settings with the preset chosen: ``quick`` on the synthetic task, ``safe_rlhf`` (Safe-RLHF's
+    published scripts) on real data, unless one is named."""
+    return dataclasses.replace(training, preset=training.preset or ("quick" if config.synthetic else "safe_rlhf"))
+
+
 def train_models(config: Config, ctx: Any, data: dict[str, Path]) -> dict[str, str]:
-    """SFT, reward model and cost model directories: given ones as they are, the others trained here."""
+    """SFT, reward model and cost model directories: given ones as they are, the others trained here, each from
+    the previous one's export (SFT from ``base_model`` or the synthetic model, the score models from SFT's)."""
     directories = {"actor": config.actor_model, "reward": config.reward_model, "cost": config.cost_model}
     if directories["actor"] is None:
-        require("sft" in data, "actor_model", "is required when prompts are not the synthetic task's")
-        source = common.Source(model=common.SYNTHETIC, data=str(data["sft"]), template=config.template,
-                                   seed=config.seed)
-        directories["actor"] = sft.train(sft.Config(source=source, training=config.sft),
+        source = common.Source(model=config.base_model or common.SYNTHETIC, data=str(data["sft"]),
+                               template=config.template, seed=config.seed)
+        directories["actor"] = sft.train(sft.Config(source=source, training=stage_training(config, config.sft)),
                                          ctx.child("sft")).model_dir
     if config.scorer == "learned":
         for kind in ("reward", "cost"):
             if directories[kind] is None:
-                require("preference" in data, f"{kind}_model",
-                        "is required when prompts are not the synthetic task's")
                 source = common.Source(model=directories["actor"], data=str(data["preference"]),
                                            template=config.template, seed=config.seed)
-                trained = score_models.train(kind, score_models.Config(source=source, training=config.score_models),
-                                             ctx.child(score_models.STAGES[kind]))
+                settings = score_models.Config(source=source, training=stage_training(config, config.score_models))
+                trained = score_models.train(kind, settings, ctx.child(score_models.STAGES[kind]))
                 directories[kind] = trained.model_dir
     return directories
 
@@ -269,6 +335,26 @@ def prompt_length(config: Config, model_source: common.ModelSource, prompts: lis
         raise ConfigError(f"max_prompt_length: {length} prompt tokens and ppo.max_new_tokens="
                           f"{config.ppo.max_new_tokens} exceed the model's max_position_embeddings={positions}")
     return length
+
+
+def read_prompts(config: Config, data: dict[str, Path]) -> tuple[list[str], preference.PromptData]:
+    """The RL prompts (``prompts``, else the distinct prompts of the training comparisons) and the held-out ones
+    (``eval_prompts``, else the data's)."""
+    train_prompts = (preference.read_prompt_data(config.prompts).prompt if config.prompts is not None
+                     else sorted(set(preference.read_preference_data(data["preference"]).prompt)))
+    return train_prompts, preference.read_prompt_data(config.eval_prompts or data["eval_prompts"])
+
+
+def check_prompts(config: Config, data: dict[str, Path]) -> None:
+    """Before anything trains: every RL and held-out prompt fits ``max_prompt_length`` (refused, never cut) as
+    the SFT model will tokenize it. SFT exports keep their source's tokenizer, template and positions, so the
+    source (``actor_model``, ``base_model`` or the synthetic model) answers for the trained model."""
+    model = config.actor_model or config.base_model or common.SYNTHETIC
+    model_source = common.open_model_source(common.Source(model=model, template=config.template), "float32")
+    train_prompts, eval_data = read_prompts(config, data)
+    prompts = train_prompts + eval_data.prompt
+    length = prompt_length(config, model_source, prompts)
+    preference.tokenize_prompts(model_source.tokenizer, prompts, length, model_source.template)
 
 
 def _prompt_pool(tokenizer: Any, prompts: list[str], length: int, template: Any) -> rlhf_ppo.PromptPool:
@@ -338,9 +424,7 @@ def build_setup(config: Config, directories: dict[str, str], data: dict[str, Pat
         eval_scorers, eval_params = train_scorers, scorer_params
     reference, reference_params = frozen_reference(actor, actor_variables, frozen_dtype)
     models = rlhf_ppo.RLHFModels(actor, critics[0][0], critics[1][0], *train_scorers, reference=reference)
-    train_prompts = (preference.read_prompt_data(config.prompts).prompt if config.prompts is not None
-                     else sorted(set(preference.read_preference_data(data["preference"]).prompt)))
-    eval_data = preference.read_prompt_data(config.eval_prompts or data["eval_prompts"])
+    train_prompts, eval_data = read_prompts(config, data)
     categories, names = _categories(eval_data)
     template = model_source.template
     max_prompt_length = prompt_length(config, model_source, train_prompts + eval_data.prompt)
@@ -448,8 +532,8 @@ def train_preference_method(method: str, config: Config, directories: dict[str, 
     """Stage ``method`` (SafeDPO or SACPO, :mod:`algorithms.llm.dpo`) from the SFT model on the comparisons the
     score models learn from, once per seed (seed i shuffles and holds out with ``seed + i``) in
     ``<run>/<method>_seed<i>``; returns the actors' variables stacked on a leading seed axis."""
-    require("preference" in data, "methods", f"{method} learns from the comparisons, which only the synthetic "
-            "task provides here; on real data train it with the experiment of the same name")
+    require("preference" in data, "methods", f"{method} learns from comparisons: give preference_data (or "
+            "train it with the experiment of the same name)")
     actors = []
     for index in range(config.num_seeds):
         source = common.Source(model=directories["actor"], data=str(data["preference"]), template=config.template,
@@ -589,9 +673,8 @@ def release_memory() -> None:
 
 def run(config: Config, ctx: Any) -> dict[str, float]:
     """All stages; returns each method's mean figures over seeds."""
-    data = write_synthetic_data(config, ctx) if config.synthetic else {}
-    if config.eval_prompts is None and not config.synthetic:
-        raise ConfigError("eval_prompts: is required when prompts are not the synthetic task's")
+    data = write_synthetic_data(config, ctx) if config.synthetic else write_input_data(config, ctx)
+    check_prompts(config, data)
     directories = train_models(config, ctx, data)
     setup = build_setup(config, directories, data)
     if ctx.mesh is not None:

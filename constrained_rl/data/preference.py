@@ -295,6 +295,33 @@ def read_prompt_data(path: str | pathlib.Path) -> PromptData:
     return PromptData(prompt=[row["prompt"] for row in rows], extras=_extra_columns(rows, PROMPT_SCHEMA))
 
 
+def split_by_prompt(rows: Sequence[Mapping[str, Any]], eval_fraction: float, seed: int
+                    ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """(training rows, held-out rows): a seeded ``eval_fraction`` of the distinct prompts (at least one, and at
+    least one left to train on) with every row that asks them. PKU-SafeRLHF repeats a prompt over several
+    comparisons, so a split by rows would let held-out prompts be trained on."""
+    prompts = sorted({row["prompt"] for row in rows})
+    if len(prompts) < 2:
+        raise ConfigError(f"the file has {len(prompts)} distinct prompt(s); holding some out for evaluation "
+                          "needs at least 2")
+    count = min(max(1, round(eval_fraction * len(prompts))), len(prompts) - 1)
+    held = {prompts[i] for i in np.random.default_rng(seed).permutation(len(prompts))[:count]}
+    return ([row for row in rows if row["prompt"] not in held], [row for row in rows if row["prompt"] in held])
+
+
+def demonstration_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """SFT rows (``prompt``, ``response``) from PKU-SafeRLHF comparisons: per row the more helpful response when
+    it is safe, else the safer one when that is safe; a row whose responses are both unsafe gives none (the
+    model is never fitted to an unsafe answer)."""
+    demonstrations = []
+    for row in rows:
+        better, safer = int(row["better_response_id"]), int(row["safer_response_id"])
+        chosen = next((i for i in (better, safer) if row[f"is_response_{i}_safe"]), None)
+        if chosen is not None:
+            demonstrations.append({"prompt": row["prompt"], "response": row[f"response_{chosen}"]})
+    return demonstrations
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tokenization
 

@@ -150,7 +150,8 @@ def make_host_snapshot_fn(task: str, learner: ppo_lag.Learner, episodes: int):
     envs.check_layout(learner.env.layout, envs.task_layout(task), task=task)
 
     def snapshot(actor_params, keys):
-        pool = host.shared_pool(task)
+        # No more workers than a snapshot has episodes: an idle worker would still load its simulator.
+        pool = host.shared_pool(task, min(host.default_num_workers(), len(keys) * episodes))
         *_, recorded = host.play(pool, learner.policy, actor_params, host.plan_episodes(keys, episodes), record=True)
         return {key: np.concatenate([episode[key] for episode in recorded]).astype(np.float32)
                 for key in dsrl.DSRL_KEYS}

@@ -15,6 +15,8 @@ from constrained_rl.data import preference, synthetic_safety
 from experiments import run
 from tests.constrained_rl.models.hf_reference import TINY, randomise_norms_and_biases
 
+pytestmark = pytest.mark.quick_compile  # 1-2 steps of tiny models per stage: compiling is most of the time
+
 # A chat template over the synthetic task's words: the base checkpoint's template reaches every stage.
 TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + eos_token + '\\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -17,6 +17,8 @@ from constrained_rl.data import synthetic_safety
 from constrained_rl.data.preference import tokenize_prompts
 from constrained_rl.models import llama
 
+pytestmark = pytest.mark.quick_compile  # tiny models trained a few steps: compiling is most of the time
+
 # Four responses, two per prompt (K = 2), two tokens each. Prompt costs: mean(-1, 0.5) = -0.25 <= 0 (safe),
 # mean(1, 0.2) = 0.6 > 0 (violating).
 COSTS = jnp.array([-1.0, 0.5, 1.0, 0.2])

@@ -15,6 +15,8 @@ from constrained_rl.models import load_score_model, load_tokenizer
 from experiments import registry
 from experiments.context import RunContext
 
+pytestmark = pytest.mark.quick_compile  # tiny models trained a few steps: compiling is most of the time
+
 TINY = score_models.Config(
     source=common.Source(synthetic_rows=640, eval_fraction=0.2),
     training=common.Training(epochs=2, learning_rate=3e-3, batch_size=32, steps_per_chunk=16,

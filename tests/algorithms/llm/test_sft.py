@@ -18,6 +18,8 @@ from constrained_rl.config import ConfigError
 from constrained_rl.models import load_causal_lm, load_tokenizer
 from experiments.context import RunContext
 
+pytestmark = pytest.mark.quick_compile  # tiny models trained a few steps: compiling is most of the time
+
 TINY = sft.Config(
     source=common.Source(synthetic_rows=320, eval_fraction=0.1),
     training=common.Training(epochs=3, learning_rate=1e-2, batch_size=32, steps_per_chunk=9,

@@ -54,7 +54,9 @@ class HostRollout:
         self._pool: host.HostPool | None = None
         self._obs: np.ndarray | None = None  # [S, obs] what each slot acts on next; None before the first reset
         self._metrics: dict[str, np.ndarray] = {}  # EpisodeMetrics' accumulators, [S] each
+        self._done = np.zeros(self.size, np.float32)  # whether each slot's last step ended its episode
         self._act = _run_batched_policy(policy_fn)
+        atexit.register(self.close)  # the workers end with the process, if not closed before
 
     @property
     def size(self) -> int:
@@ -64,7 +66,6 @@ class HostRollout:
     def pool(self) -> host.HostPool:
         if self._pool is None:
             self._pool = host.HostPool(self.task.id, self.num_workers, envs_per_worker=-(-self.size // self.num_workers))
-            atexit.register(self.close)
         return self._pool
 
     def close(self) -> None:

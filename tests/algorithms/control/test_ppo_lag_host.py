@@ -23,6 +23,8 @@ from constrained_rl.envs import base, host
 from constrained_rl.envs.wrappers import EpisodeMetrics
 from tests.constrained_rl.envs.test_host import toy_task  # noqa: F401 (the fixture)
 
+pytestmark = pytest.mark.quick_compile  # tiny runs: compiling is most of their time
+
 TINY = dict(seed=3, num_seeds=2, num_envs=2, unroll_length=12, total_env_steps=48, num_epochs=2, num_minibatches=2,
             actor_hidden_sizes=(8,), critic_hidden_sizes=(8,), iterations_per_chunk=2, eval_episodes=0)
 

@@ -11,6 +11,7 @@ import pytest
 import transformers
 
 from algorithms.llm import rlhf_pipeline, score_models, sft
+from constrained_rl.config import ConfigError
 from constrained_rl.data import preference, synthetic_safety
 from experiments import run
 from tests.constrained_rl.models.hf_reference import TINY, randomise_norms_and_biases
@@ -119,3 +120,14 @@ def test_bad_inputs_are_refused_before_anything_trains(inputs, tmp_path, capsys,
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error:") and message in error[0], error
     assert not (run_dir / "sft").exists()
+
+
+def test_sources_that_do_not_fit_are_refused_by_the_config():
+    refused = {"actor_model": dict(prompts="p.jsonl", eval_prompts="e.jsonl"),  # real prompts, no model
+               "sft_data": dict(sft_data="s.jsonl"),  # demonstrations without preference data
+               "scorer": dict(preference_data="d.jsonl", base_model="b", scorer="ground_truth"),
+               "eval_fraction": dict(preference_data="d.jsonl", base_model="b", eval_fraction=1.0)}
+    for field, settings in refused.items():
+        with pytest.raises(ConfigError, match=field):
+            rlhf_pipeline.Config(**settings)
+    assert not rlhf_pipeline.Config(preference_data="d.jsonl", base_model="b").synthetic

@@ -19,6 +19,8 @@ from constrained_rl.models import hf_checkpoint
 from experiments import cli, registry
 from experiments.context import RunContext
 
+pytestmark = pytest.mark.quick_compile  # the whole pipeline at a tiny size: compiling is most of its time
+
 TINY = rlhf_pipeline.Config(
     methods=("repo",), num_seeds=2, scorer="ground_truth", synthetic_rows=256, synthetic_eval_prompts=12,
     sft=dataclasses.replace(rlhf_pipeline.Config().sft, epochs=1, steps_per_chunk=8),

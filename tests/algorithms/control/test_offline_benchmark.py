@@ -15,7 +15,7 @@ from experiments import cli, registry
 from experiments import run as runner
 from tests.algorithms.control.test_offline import random_ballcircle_file
 
-pytestmark = pytest.mark.quick_compile  # four learners through the runner at the quick preset: compiling is most of the time
+pytestmark = pytest.mark.quick_compile  # four learners through the runner, quick preset: mostly compiling
 
 LIMITS = (10.0, 20.0)
 # One learner of each kind: limit-free (BC-All), safe rows (BC-Safe), dataset statistics (COptiDICE), three

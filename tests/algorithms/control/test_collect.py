@@ -84,5 +84,6 @@ def test_on_a_real_task_the_behaviour_trains_on_its_twin_and_plays_the_simulator
     assert dataset.observations.shape == (200, 7)  # two episodes of the real BallRun, its 7 dimensions
     np.testing.assert_array_equal(dsrl.split_episodes(dataset).lengths, [100, 100])
     np.testing.assert_array_equal(dataset.next_observations[:99], dataset.observations[1:100])
-    with pytest.raises(ConfigError, match="SafetyPointPush1-v0 has no JAX twin to train on"):
-        collect.Config(task="SafetyPointPush1-v0")
+    # A real task without a twin trains its behaviour policies on the host (tests/algorithms/control/test_ppo_lag_host.py).
+    assert collect.Config(task="SafetyPointPush1-v0").behaviour_config().trains_on_host
+    assert not config.behaviour_config().trains_on_host

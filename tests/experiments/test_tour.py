@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,8 +10,7 @@ from pathlib import Path
 
 from experiments import registry, tour
 from tests.algorithms.control.test_offline_benchmark import mixed_cost_file
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.multidevice.harness import device_env
 
 TOY = [
     "--offline.preset", "quick", "--offline.num_seeds", "1", "--offline.eval_episodes", "2",
@@ -24,21 +22,14 @@ TOY = [
 ]
 
 
-def tour_env() -> dict[str, str]:
-    """A process whose XLA compiles without LLVM's optimisation passes: the toy tour is almost all
-    compiling (a few updates of tiny models), and -O0 computes the same floats in about half the time."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "backend_optimization_level" not in f]
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return {**os.environ, "XLA_FLAGS": " ".join([*flags, "--xla_backend_optimization_level=0"]), "PYTHONPATH": path}
-
-
 def test_default_experiment_is_the_tour_and_reports_both_halves(tmp_path):
     assert registry.DEFAULT_EXPERIMENT == "tour"
     run_dir = tmp_path / "run"
-    # `python -m experiments.run` with no experiment name, in a process of its own.
+    # `python -m experiments.run` with no experiment name, in a process of its own: one CPU device whose
+    # XLA compiles at LLVM -O0 (device_env), since the toy tour is almost all compiling.
     result = subprocess.run([sys.executable, "-m", "experiments.run", *TOY,
                              "--offline.dataset", mixed_cost_file(tmp_path / "data.hdf5"), "--run-dir", str(run_dir)],
-                            cwd=tmp_path, env=tour_env(), capture_output=True, text=True, timeout=600)
+                            cwd=tmp_path, env=device_env(1), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     out = result.stdout
     check_first_screen(out)

@@ -20,6 +20,8 @@ from constrained_rl.envs.base import Env, EnvState, initial_state
 from constrained_rl.envs.velocity import VELOCITY_TASKS
 from experiments import calibrate_velocity
 
+pytestmark = pytest.mark.quick_compile  # tiny calibration runs: mostly compiling
+
 TINY = ["--num-timesteps", "64", "--num-envs", "4", "--unroll-length", "8", "--num-minibatches", "2",
         "--num-epochs", "1", "--hidden", "8", "--iterations-per-chunk", "1", "--episode-length", "16",
         "--eval-episodes", "2"]

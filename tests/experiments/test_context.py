@@ -3,6 +3,8 @@ import pytest
 
 from experiments.context import RunContext, StopRequested
 
+pytestmark = pytest.mark.quick_compile  # tiny loops: mostly compiling
+
 
 def test_child_context_keeps_settings_and_shares_the_stop_hook(tmp_path):
     parent = RunContext(tmp_path, progress=False, stop_after_chunks=3)

@@ -17,6 +17,8 @@ from constrained_rl.config import ConfigError
 from constrained_rl.envs.base import Env, EnvState, initial_state
 from constrained_rl.rollouts import Transition
 
+pytestmark = pytest.mark.quick_compile  # tiny networks, a few iterations: mostly compiling
+
 
 class LinearCostBandit(Env):
     """Ten steps of a one-dimensional choice: reward ``a``, cost ``(a + 1) / 2`` per step.

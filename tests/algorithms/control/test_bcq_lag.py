@@ -14,6 +14,8 @@ from constrained_rl.config import ConfigError
 from constrained_rl.data import dsrl
 from constrained_rl.models import vae
 
+pytestmark = pytest.mark.quick_compile  # tiny learners, a few updates: mostly compiling
+
 # --------------------------------------------------------------------------------------------------
 # A one-step constrained bandit shared by the OSRL-baseline tests: every transition is terminal, the
 # behaviour acts uniformly in [-1, 1], reward r = a and cost c = 3 (a + 1). With T = 1 the per-step

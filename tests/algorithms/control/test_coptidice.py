@@ -14,6 +14,8 @@ from tests.algorithms.control.test_bcq_lag import (LOOSE, PROBLEM, TIGHT, assert
                                            tiny, train_runs)
 from tests.constrained_rl.data import tiny_dataset
 
+pytestmark = pytest.mark.quick_compile  # tiny learners, a few updates: mostly compiling
+
 CHI2, SOFTCHI = coptidice.DIVERGENCES["chi2"], coptidice.DIVERGENCES["softchi"]
 
 

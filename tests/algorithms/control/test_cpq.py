@@ -14,6 +14,8 @@ from constrained_rl.config import ConfigError
 from tests.algorithms.control.test_bcq_lag import (LOOSE, PROBLEM, TIGHT, assert_runs_match_alone, bandit_dataset,
                                            tiny, train_runs)
 
+pytestmark = pytest.mark.quick_compile  # tiny learners, a few updates: mostly compiling
+
 
 class LossTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)

@@ -22,6 +22,8 @@ from experiments import evaluate, registry
 from experiments.context import RunContext
 from tests.algorithms.control.test_offline import random_ballcircle_file
 
+pytestmark = pytest.mark.quick_compile  # tiny learners, a few updates: mostly compiling
+
 OFFLINE_LEARNERS = ["bc_all", "bc_safe", "bcq_lag", "bear_lag", "cpq", "coptidice", "cdt", "atac", "satac"]
 PROBLEM = offline.Problem(5, 2, 200)  # BallCircle's sizes
 

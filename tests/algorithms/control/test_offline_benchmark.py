@@ -100,6 +100,30 @@ def test_resume_reads_finished_methods_back(benchmark_run):
     assert (benchmark_run / bench.TABLE_CSV).read_text() == before
 
 
+@pytest.mark.parametrize("method", ["coptidice", "satac"])
+def test_evaluate_method_reproduces_the_method_s_scores(benchmark_run, method, tmp_path):
+    # evaluate --method: one method of the benchmark re-scored as a run of its own, from its checkpoints.
+    out = tmp_path / "evaluation"
+    assert runner.main(["evaluate", "--run_dir", str(benchmark_run), "--method", method, "--episodes", "3",
+                        "--run-dir", str(out)]) == 0
+    scored = json.loads((out / "summary.json").read_text())
+    own = json.loads((benchmark_run / bench.RESULTS_DIR / f"{method}.json").read_text())
+    assert scored["method"] == method and scored["source"].startswith(f"checkpoints/{method}_")
+    for key in ("cost_limits", "num_seeds", "gradient_updates", "normalized_reward", "normalized_cost", "safe"):
+        assert scored[key] == own[key], key
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "method: required with an offline_benchmark run: one of the methods of"),
+    (("--method", "cpq"), "method: 'cpq' is not among the methods of"),
+])
+def test_evaluate_needs_one_of_the_benchmark_s_methods(benchmark_run, tmp_path, capsys, args, message):
+    out = tmp_path / "evaluation"
+    assert runner.main(["evaluate", "--run_dir", str(benchmark_run), *args, "--run-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()
+
+
 def scores(reward: float, cost: float, std: float = 0.1) -> dict:
     return {"normalized_reward_mean": reward, "normalized_reward_std_seeds": std,
             "normalized_cost_mean": cost, "normalized_cost_std_seeds": std}

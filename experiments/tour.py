@@ -153,9 +153,9 @@ def offline_report(config: offline_benchmark.Config, summary: dict[str, Any]) ->
         behind = (f"it earns less than {label(best)} ({figure('satac', 'normalized_reward'):.2f} vs "
                   f"{figure(best, 'normalized_reward'):.2f})" if safe["satac"] and best else "it is not safe here")
         lines += _wrap(f"Too small for SATAC's claim: {behind}; its critics get {adversarial:,} adversarial "
-                       f"updates here, {satac.Config().num_updates:,} in the protocol. At 4,000 on five tasks, "
-                       f"{OFFLINE_PAGE} has SATAC the only method safe at all 15 task-limit pairs, with the "
-                       f"best safe reward at 5 of them (BC-Safe's is higher on BallCircle).")
+                       f"updates here, {satac.Config().num_updates:,} in the protocol. At 4,000 on the real "
+                       f"SafetyBallCircle-v0, {OFFLINE_PAGE} has SATAC safe at all three limits, with the "
+                       f"best safe reward at one of them.")
     return lines
 
 

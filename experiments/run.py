@@ -203,6 +203,34 @@ def _file_overrides(path: str, name: str) -> list[cli.Override]:
     return cli.flatten(data, path)
 
 
+def config_tasks(config: Any) -> list[str]:
+    """Every ``task`` a config and its sections name (a composed run names one per part)."""
+    tasks = []
+    for field in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
+        value = getattr(config, field.name)
+        if field.name == "task" and isinstance(value, str):
+            tasks.append(value)
+        elif dataclasses.is_dataclass(value):
+            tasks.extend(config_tasks(value))
+    return tasks
+
+
+def refuse_real_tasks_across_processes(config: Any) -> None:
+    """A real task runs in worker processes of the process that plays it (constrained_rl/envs/host.py),
+    with the whole batch of policies on that process; a multi-process run (--distributed) holds only its
+    own shards of them, so it is refused before anything starts."""
+    import jax
+
+    from constrained_rl import envs
+
+    if jax.process_count() > 1:
+        for task in config_tasks(config):
+            if envs.is_host_task(task):
+                raise ConfigError(f"--distributed: {task} is a real task, played by simulator workers of one "
+                                  "process; run it in one process (--num-devices N places the training "
+                                  "on N local devices)")
+
+
 def _timestamped_run_dir(name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path("runs") / f"{name}-{stamp}"
@@ -231,6 +259,7 @@ def _prepare_new_run(invocation: Invocation, held: _Held) -> tuple[registry.Expe
     # Later ones win: the command line beats the file.
     overrides = cli.without_inactive_file_sections(experiment.config_cls, from_file, invocation.overrides)
     config = cli.build_config(experiment.config_cls, overrides)
+    refuse_real_tasks_across_processes(config)
     if invocation.run_dir:
         run_dir = Path(invocation.run_dir)
     else:  # every process takes process 0's choice: the clocks (and what exists) may differ
@@ -281,6 +310,7 @@ def _prepare_resume(invocation: Invocation, held: _Held) -> tuple[registry.Exper
         raise ConfigError(f"{config_path}: expected keys 'experiment' and 'config'")
     experiment = registry.load(record["experiment"])
     config = cli.build_config(experiment.config_cls, cli.flatten(record["config"], str(config_path)), record=True)
+    refuse_real_tasks_across_processes(config)
     if not saved_checkpoints(run_dir):
         raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from")
     directory.check_config_hash()  # the checkpoints were made with this config, not an edited one

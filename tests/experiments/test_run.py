@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 from typing import Literal, Optional
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -312,3 +313,15 @@ def test_wandb_refusals_are_one_line_before_anything_runs(flags, message, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not run_dir.exists()
+
+
+def test_a_real_task_is_refused_across_processes(monkeypatch):
+    from algorithms.control import offline_benchmark
+
+    real = cli.build_config(offline_benchmark.Config, [cli.Override("task", "SafetyBallCircle-v0", "--task", True)])
+    assert "SafetyBallCircle-v0" in run.config_tasks(real)  # the top level's and each method section's
+    run.refuse_real_tasks_across_processes(real)  # one process: fine
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match="--distributed: SafetyBallCircle-v0 is a real task"):
+        run.refuse_real_tasks_across_processes(real)
+    run.refuse_real_tasks_across_processes(offline_benchmark.Config())  # a JAX task: fine across processes

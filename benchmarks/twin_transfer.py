@@ -36,6 +36,10 @@ def summary(directory: Path) -> dict:
     return json.loads((directory / "summary.json").read_text())
 
 
+def mean(rows: list[dict], key: str) -> float:
+    return sum(row[key] for row in rows) / len(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="BallCircle", help="Bullet task: BallCircle, CarCircle, BallRun, CarRun")
@@ -80,9 +84,9 @@ def main() -> None:
     for method in methods:
         twin_runs, real_runs = scored[method, "twin"], scored[method, "real"]
         for kappa in sorted({r["cost_limit"] for r in twin_runs}):
-            pairs = [(t, r) for t, r in zip(twin_runs, real_runs) if t["cost_limit"] == kappa]
-            assert all((t["run"], t["cost_limit"]) == (r["run"], r["cost_limit"]) for t, r in pairs)
-            mean = lambda rows, key: sum(row[key] for row in rows) / len(rows)  # noqa: E731
+            pairs = [(t, r) for t, r in zip(twin_runs, real_runs, strict=True) if t["cost_limit"] == kappa]
+            if any((t["run"], t["cost_limit"]) != (r["run"], r["cost_limit"]) for t, r in pairs):
+                sys.exit(f"error: {method}: the twin's and the real task's evaluations list other runs")
             twins, reals = [t for t, _ in pairs], [r for _, r in pairs]
             inside = [(t, r) for t, r in pairs if t["normalized_cost"] <= args.margin]
             safe = sum(r["normalized_cost"] <= 1.0 for _, r in inside)
